@@ -1,0 +1,129 @@
+"""Configuration: one file (YAML or TOML) with ``CARGOHOLD_*`` environment overrides.
+
+With no file and no environment at all the defaults give a working registry:
+filesystem storage and SQLite metadata under ``./cargohold-data``, listening on
+``127.0.0.1:5000``. Nested keys are overridden with a double underscore, e.g.
+``CARGOHOLD_STORAGE__FILESYSTEM__ROOT=/srv/blobs`` or ``CARGOHOLD_UPLOADS__EXPIRY_HOURS=6``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "CARGOHOLD_CONFIG"
+
+
+class FilesystemStorage(BaseModel):
+    """Local filesystem backend; ``root`` defaults to ``<data_dir>/blobs``."""
+
+    root: Path | None = None
+
+
+class StorageSettings(BaseModel):
+    backend: Literal["filesystem"] = "filesystem"
+    filesystem: FilesystemStorage = FilesystemStorage()
+
+
+class UploadSettings(BaseModel):
+    expiry_hours: float = Field(24.0, gt=0)
+    # Advertised as OCI-Chunk-Min-Length; 0 means "no minimum, not advertised".
+    chunk_min_length: int = Field(0, ge=0)
+
+
+class LimitSettings(BaseModel):
+    manifest_max_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    catalog_max_n: int = Field(1000, gt=0)
+    tags_max_n: int = Field(10000, gt=0)
+    referrers_page_size: int = Field(1000, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Sections that are absent keep their defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CARGOHOLD_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    address: str = "127.0.0.1:5000"
+    data_dir: Path = Path("cargohold-data")
+    workers: int = Field(1, ge=1, le=64)
+    server: Literal["granian", "uvicorn"] = "granian"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "logfmt"] = "json"
+    delete_enabled: bool = True
+    storage: StorageSettings = StorageSettings()
+    uploads: UploadSettings = UploadSettings()
+    limits: LimitSettings = LimitSettings()
+
+    @field_validator("address")
+    @classmethod
+    def _address_has_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("address must be HOST:PORT")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.data_dir / "metadata.db"
+
+    @property
+    def blob_root(self) -> Path:
+        return self.storage.filesystem.root or self.data_dir / "blobs"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then the environment, then the config file.
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Reads the file named by ``CARGOHOLD_CONFIG`` (YAML or TOML, by extension)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(CONFIG_ENV)
+        return load_config_file(Path(path)) if path else {}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Parse a config file into a plain dict; the format follows the file extension."""
+    text = path.read_text()
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    else:
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, reading ``config_path`` if given (it wins over ``CARGOHOLD_CONFIG``)."""
+    if config_path is not None:
+        os.environ[CONFIG_ENV] = str(config_path)
+    return Settings(**overrides)
