@@ -113,10 +113,7 @@ class _FileSource(PydanticBaseSettingsSource):
 def load_config_file(path: Path) -> dict[str, Any]:
     """Parse a config file into a plain dict; the format follows the file extension."""
     text = path.read_text()
-    if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    else:
-        data = yaml.safe_load(text) or {}
+    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping")
     return data

@@ -1,0 +1,5 @@
+"""The HTTP layer: the OCI Distribution API (and, later, the admin API) over the engine."""
+
+from cargohold.api.app import create_app
+
+__all__ = ["create_app"]

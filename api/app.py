@@ -1,0 +1,88 @@
+"""The ASGI application: routes, error handlers, and the background chores of a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+
+from cargohold.api.accesslog import AccessLog
+from cargohold.api.distribution import DistributionAPI
+from cargohold.api.errors import HANDLERS
+from cargohold.engine import Registry
+from cargohold.engine.activity import FLUSH_INTERVAL_SECONDS
+from cargohold.engine.errors import RegistryError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+log = logging.getLogger("cargohold.api")
+
+UPLOAD_SWEEP_SECONDS = 600.0
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
+
+async def _every(seconds: float, job: object, name: str) -> None:
+    # Jittered so that several workers do not all wake at the same instant.
+    await asyncio.sleep(seconds * random.uniform(0.1, 1.0))
+    while True:
+        try:
+            await run_in_threadpool(job)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("background job %s failed", name)
+        await asyncio.sleep(seconds)
+
+
+def create_app(
+    registry: Registry,
+    *,
+    catalog_max_n: int = 1000,
+    tags_max_n: int = 10000,
+    referrers_page_size: int = 1000,
+    chunk_min_length: int = 0,
+    log_format: str = "json",
+) -> AccessLog:
+    api = DistributionAPI(
+        registry,
+        catalog_max_n=catalog_max_n,
+        tags_max_n=tags_max_n,
+        referrers_page_size=referrers_page_size,
+        chunk_min_length=chunk_min_length,
+    )
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        try:
+            await run_in_threadpool(registry.check)
+        except RegistryError as exc:
+            return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        chores = [
+            asyncio.create_task(_every(FLUSH_INTERVAL_SECONDS, registry.activity.flush, "activity flush")),
+            asyncio.create_task(_every(UPLOAD_SWEEP_SECONDS, registry.expire_uploads, "upload expiry")),
+        ]
+        try:
+            yield
+        finally:
+            for task in chores:
+                task.cancel()
+            await run_in_threadpool(registry.activity.flush)
+
+    routes = [
+        Route("/v2/", api.base, methods=["GET", "HEAD"]),
+        Route("/v2/_catalog", api.catalog, methods=["GET"]),
+        Route("/v2/{rest:path}", api.dispatch, methods=METHODS),
+        Route("/healthz", live, methods=["GET", "HEAD"]),
+        Route("/readyz", ready, methods=["GET", "HEAD"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
+    return AccessLog(app, log_format)

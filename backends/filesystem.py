@@ -1,0 +1,237 @@
+"""The local filesystem backend, the embedded default.
+
+On-disk layout under ``root``::
+
+    root/
+      objects/<key>          committed objects; keys are chosen by the engine
+      staging/<upload-id>    staged uploads (chunked pushes) and temporary files of put()
+
+Every object is written to ``staging/`` first, fsynced, then renamed into place, so a
+reader never sees a partial object and a crash leaves at most a stray staging file.
+Object metadata (the digest, so the tree can be audited without the database) is kept
+in ``user.cargohold.*`` extended attributes where the filesystem supports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+from cargohold.backends.base import BackendError, ObjectInfo, ObjectNotFound, StagedBusy
+
+READ_CHUNK = 1024 * 1024
+_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
+_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+XATTR_PREFIX = "user.cargohold."
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _set_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    for name, value in metadata.items():
+        try:
+            os.setxattr(path, XATTR_PREFIX + name, value.encode())
+        except OSError as exc:  # tmpfs without user xattrs, some overlay setups
+            if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
+                return
+            raise
+
+
+def _read_file(path: Path, start: int, end: int | None) -> Iterator[bytes]:
+    try:
+        handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed when the generator ends
+    except FileNotFoundError:
+        raise ObjectNotFound(str(path)) from None
+    with handle:
+        handle.seek(start)
+        remaining = None if end is None else end - start
+        while remaining is None or remaining > 0:
+            data = handle.read(READ_CHUNK if remaining is None else min(READ_CHUNK, remaining))
+            if not data:
+                return
+            if remaining is not None:
+                remaining -= len(data)
+            yield data
+
+
+class _FileStagedWriter:
+    """An exclusively locked staging file (``flock``; released by the kernel if we crash)."""
+
+    def __init__(self, backend: FilesystemBackend, path: Path, fd: int) -> None:
+        self._backend = backend
+        self._path = path
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+        self._dirty = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def truncate(self, size: int) -> None:
+        if size < self._size:
+            os.ftruncate(self._fd, size)
+            self._size = size
+            self._dirty = True
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, self._size)
+            self._size += written
+            view = view[written:]
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+
+    def commit(self, key: str, metadata: Mapping[str, str]) -> None:
+        self.flush()
+        target = self._backend._object_path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _set_metadata(self._path, metadata)
+        os.rename(self._path, target)
+        _fsync_dir(target.parent)
+
+
+class FilesystemBackend:
+    """Objects are files under ``root/objects``; the local path is exposed for sendfile."""
+
+    name = "filesystem"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        self._objects = self.root / "objects"
+        self._staging = self.root / "staging"
+        self._objects.mkdir(parents=True, exist_ok=True)
+        self._staging.mkdir(parents=True, exist_ok=True)
+
+    # -- paths -------------------------------------------------------------------------
+    def _object_path(self, key: str) -> Path:
+        if not _KEY.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):
+            raise ValueError(f"invalid object key {key!r}")
+        return self._objects / key
+
+    def _staging_path(self, upload_id: str) -> Path:
+        if not _UPLOAD_ID.fullmatch(upload_id) or upload_id in (".", ".."):
+            raise ValueError(f"invalid upload id {upload_id!r}")
+        return self._staging / upload_id
+
+    def local_path(self, key: str) -> Path:
+        return self._object_path(key)
+
+    # -- objects -----------------------------------------------------------------------
+    def put(self, key: str, chunks: Iterable[bytes], metadata: Mapping[str, str] | None = None) -> int:
+        temp_id = f".put-{uuid.uuid4().hex}"
+        self.create_staged(temp_id)
+        try:
+            with self.open_staged(temp_id) as writer:
+                for chunk in chunks:
+                    writer.write(chunk)
+                size = writer.size
+                writer.commit(key, metadata or {})
+            return size
+        except BaseException:
+            self.abort_staged(temp_id)
+            raise
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        path = self._object_path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        return _read_file(path, start, end)
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = self._object_path(key).stat()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._object_path(key).unlink()
+
+    def delete_many(self, keys: Iterable[str]) -> list[str]:
+        failed = []
+        for key in keys:
+            try:
+                self.delete(key)
+            except (OSError, ValueError):
+                failed.append(key)
+        return failed
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        directory, _, _ = prefix.rpartition("/")
+        start = self._objects / directory if directory else self._objects
+        if not start.is_dir():
+            return
+        for dirpath, _dirnames, filenames in os.walk(start):
+            rel_dir = os.path.relpath(dirpath, self._objects)
+            for filename in filenames:
+                key = filename if rel_dir == "." else f"{rel_dir}/{filename}"
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, filename))
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    # -- staged uploads ----------------------------------------------------------------
+    def create_staged(self, upload_id: str) -> None:
+        fd = os.open(self._staging_path(upload_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.close(fd)
+
+    @contextlib.contextmanager
+    def open_staged(self, upload_id: str) -> Iterator[_FileStagedWriter]:
+        path = self._staging_path(upload_id)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise ObjectNotFound(upload_id) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StagedBusy(upload_id) from None
+            # The file may have been committed or aborted between open() and flock().
+            if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
+                raise ObjectNotFound(upload_id)
+            yield _FileStagedWriter(self, path, fd)
+        finally:
+            os.close(fd)
+
+    def read_staged(self, upload_id: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        return _read_file(self._staging_path(upload_id), start, end)
+
+    def abort_staged(self, upload_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._staging_path(upload_id).unlink()
+
+    def list_staged(self) -> Iterator[ObjectInfo]:
+        with os.scandir(self._staging) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(entry.name, st.st_size, st.st_mtime)
+
+    def check(self) -> None:
+        if not (self._objects.is_dir() and os.access(self._staging, os.W_OK)):
+            raise BackendError(f"storage root {self.root} is not a writable directory")

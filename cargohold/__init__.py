@@ -1,0 +1,3 @@
+"""cargohold: a storage-efficient, self-hosted OCI container registry."""
+
+__version__ = "0.1.0"

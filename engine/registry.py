@@ -1,0 +1,559 @@
+"""The blob engine: the registry's operations in its own words, and every invariant.
+
+The API, the GC and replication call only this. It is synchronous (sqlite3 and the
+object-store SDKs are); the async API calls it from a thread pool.
+
+Invariants kept here (see the design notes):
+  1. Bytes are verified against their digest before a blob becomes visible.
+  2. One stored copy per digest across repositories; a repository serves only blobs linked to it.
+  3. Each stored copy has its own key (``layout``); finishing an upload never copies bytes.
+  4. Refcounts change in the same transaction as the rows they count (``metadata``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cargohold.backends.base import Backend, BackendError, LocalPaths, ObjectNotFound, StagedBusy
+from cargohold.engine import layout
+from cargohold.engine.activity import ActivityRecorder
+from cargohold.engine.digests import check_algorithm, digest_bytes, is_digest, parse_digest
+from cargohold.engine.errors import (
+    BlobUnknown,
+    BlobUploadUnknown,
+    DeletesDisabled,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestTooLarge,
+    ManifestUnknown,
+    NameUnknown,
+    RangeInvalid,
+    SizeInvalid,
+    StorageUnavailable,
+    UploadBusy,
+)
+from cargohold.engine.hashing import ContentHasher, HashStates, hash_stream
+from cargohold.engine.manifests import parse_manifest
+from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow, UploadRow
+from cargohold.engine.names import check_name, check_tag
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryLimits:
+    upload_expiry_seconds: float = 24 * 3600
+    manifest_max_bytes: int = 4 * 1024 * 1024
+    delete_enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UploadState:
+    id: str
+    repository: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobReader:
+    """An open blob: its size, a streaming reader, and a local path when sendfile can serve it."""
+
+    digest: str
+    size: int
+    local_path: Path | None
+    _read: Callable[[int, int | None], Iterator[bytes]]
+
+    def read(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        return self._read(start, end)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: str
+    media_type: str
+    size: int
+    data: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class PutManifestResult:
+    digest: str
+    subject: str | None
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Any]
+    more: bool
+
+
+class Registry:
+    def __init__(self, store: MetadataStore, backend: Backend, limits: RegistryLimits | None = None) -> None:
+        self.store = store
+        self.backend = backend
+        self.limits = limits or RegistryLimits()
+        self.activity = ActivityRecorder(store)
+        self._hashes = HashStates()
+        self._local_paths = backend if isinstance(backend, LocalPaths) else None
+
+    # ======================================================================= uploads
+    def start_upload(self, repository: str, algorithm: str = "sha256") -> UploadState:
+        check_name(repository)
+        check_algorithm(algorithm)
+        upload_id = layout.new_copy_id()
+        self._backend_call(self.backend.create_staged, upload_id)
+        now = time.time()
+        with self.store.write() as conn:
+            repo_id = self.store.ensure_repository(conn, repository)
+            self.store.create_upload(
+                conn, upload_id, repo_id, algorithm, now, now + self.limits.upload_expiry_seconds
+            )
+        return UploadState(upload_id, repository, 0)
+
+    def upload_status(self, repository: str, upload_id: str) -> UploadState:
+        row = self._upload(repository, upload_id)
+        return UploadState(row.id, repository, row.size)
+
+    def append_upload(
+        self,
+        repository: str,
+        upload_id: str,
+        chunks: Iterable[bytes],
+        *,
+        start: int | None = None,
+        length: int | None = None,
+    ) -> UploadState:
+        """Append a chunk. ``start`` (from Content-Range) must equal the current size."""
+        row = self._upload(repository, upload_id)
+        with self._open_staged(row) as writer:
+            row, hasher = self._resume(writer, row)
+            if start is not None and start != row.size:
+                raise RangeInvalid(
+                    "chunk does not start where the upload ends", size=row.size, upload_offset=row.size
+                )
+            new_size = self._write_chunks(writer, hasher, chunks, row.size, length)
+            writer.flush()
+            self._acknowledge(row, new_size, hasher)
+        return UploadState(row.id, repository, new_size)
+
+    def finish_upload(
+        self,
+        repository: str,
+        upload_id: str,
+        digest: str,
+        chunks: Iterable[bytes] = (),
+        *,
+        start: int | None = None,
+        length: int | None = None,
+    ) -> BlobInfo:
+        """Append the final chunk (if any), verify the digest, and make the blob visible."""
+        expected = parse_digest(digest)
+        row = self._upload(repository, upload_id)
+        with self._open_staged(row) as writer:
+            row, hasher = self._resume(writer, row)
+            if start is not None and start != row.size:
+                raise RangeInvalid(
+                    "chunk does not start where the upload ends", size=row.size, upload_offset=row.size
+                )
+            size = self._write_chunks(writer, hasher, chunks, row.size, length)
+            if expected.algorithm != hasher.algorithm:
+                hasher = hash_stream(expected.algorithm, self.backend.read_staged(row.id, 0, size))
+            if hasher.digest != str(expected):
+                self._discard_upload(row.id)
+                raise DigestInvalid(detail={"expected": str(expected), "actual": hasher.digest})
+            self._store_verified(row, writer, str(expected), size, hasher.checksum)
+        self._hashes.drop(row.id)
+        return BlobInfo(str(expected), size)
+
+    def cancel_upload(self, repository: str, upload_id: str) -> None:
+        row = self._upload(repository, upload_id)
+        self._discard_upload(row.id)
+
+    def mount_blob(
+        self,
+        repository: str,
+        digest: str,
+        source: str | None,
+        may_read: Callable[[str], bool] = lambda _name: True,
+    ) -> BlobInfo | None:
+        """Link a blob another repository holds; None when it cannot (the caller uploads)."""
+        check_name(repository)
+        parse_digest(digest)
+        with self.store.write() as conn:
+            blob = self.store.blob(conn, digest)
+            if blob is None or blob.state != "live":
+                return None
+            if source is not None:
+                if not may_read(source) or self.store.linked_blob(conn, source, digest) is None:
+                    return None
+            elif not any(may_read(name) for name in self.store.repositories_linking(conn, digest)):
+                return None
+            repo_id = self.store.ensure_repository(conn, repository)
+            self.store.link_blob(conn, repo_id, digest, time.time())
+        return BlobInfo(digest, blob.size)
+
+    def expire_uploads(self, now: float | None = None, staged_grace_seconds: float | None = None) -> int:
+        """Remove expired sessions and staged bytes no session owns; returns how many went."""
+        now = time.time() if now is None else now
+        removed = 0
+        with self.store.write() as conn:
+            expired = self.store.expired_uploads(conn, now)
+            for upload_id in expired:
+                self.store.delete_upload(conn, upload_id)
+        for upload_id in expired:
+            self._hashes.drop(upload_id)
+            self._backend_call(self.backend.abort_staged, upload_id)
+            removed += 1
+        grace = self.limits.upload_expiry_seconds if staged_grace_seconds is None else staged_grace_seconds
+        stale = [info.key for info in self.backend.list_staged() if info.modified < now - grace]
+        owned = self.store.upload_ids(self.store.read(), stale)
+        for upload_id in stale:
+            if upload_id not in owned:
+                self.backend.abort_staged(upload_id)
+                removed += 1
+        return removed
+
+    # -- upload internals ----------------------------------------------------------
+    def _upload(self, repository: str, upload_id: str) -> UploadRow:
+        check_name(repository)
+        row = self.store.upload(self.store.read(), upload_id)
+        if row is None or row.repository != repository or row.expires_at < time.time():
+            raise BlobUploadUnknown(detail={"uuid": upload_id[:64]})
+        return row
+
+    def _open_staged(self, row: UploadRow) -> _StagedClaim:
+        return _StagedClaim(self.backend, row)
+
+    def _resume(self, writer: Any, row: UploadRow) -> tuple[UploadRow, ContentHasher]:
+        """Re-read the session under the claim, drop unacknowledged bytes, resume the hash."""
+        fresh = self.store.upload(self.store.read(), row.id)
+        if fresh is None:
+            raise BlobUploadUnknown(detail={"uuid": row.id})
+        if writer.size < fresh.size:
+            # Acknowledged bytes are gone (lost storage): the session cannot be completed.
+            self._discard_upload(fresh.id)
+            raise BlobUploadUnknown("staged bytes of this upload were lost; start again")
+        writer.truncate(fresh.size)
+        hasher = self._hashes.resume(
+            fresh.id, fresh.algorithm, fresh.size, lambda s, e: self.backend.read_staged(fresh.id, s, e)
+        )
+        return fresh, hasher
+
+    def _write_chunks(
+        self, writer: Any, hasher: ContentHasher, chunks: Iterable[bytes], offset: int, length: int | None
+    ) -> int:
+        received = 0
+        for chunk in chunks:
+            if length is not None and received + len(chunk) > length:
+                raise SizeInvalid("request body is longer than its declared length")
+            hasher.update(chunk)
+            writer.write(chunk)
+            received += len(chunk)
+        if length is not None and received != length:
+            raise SizeInvalid(f"expected {length} bytes, received {received}")
+        return offset + received
+
+    def _acknowledge(self, row: UploadRow, new_size: int, hasher: ContentHasher) -> None:
+        now = time.time()
+        with self.store.write() as conn:
+            moved = self.store.advance_upload(
+                conn, row.id, row.size, new_size, now, now + self.limits.upload_expiry_seconds
+            )
+        if not moved:
+            self._hashes.drop(row.id)
+            raise BlobUploadUnknown("the upload session changed or ended during this request")
+        self._hashes.save(row.id, row.algorithm, new_size, hasher)
+
+    def _store_verified(self, row: UploadRow, writer: Any, digest: str, size: int, checksum: str) -> None:
+        now = time.time()
+        conn = self.store.read()
+        existing = self.store.blob(conn, digest)
+        if existing is not None and existing.state == "live":
+            # Dedup: the digest is already stored; link it and drop our copy.
+            with self.store.write() as tx:
+                if self._link_if_live(tx, row.repository_id, digest, now):
+                    self.store.delete_upload(tx, row.id)
+                    redundant = True
+                else:
+                    redundant = False
+            if redundant:
+                self.backend.abort_staged(row.id)
+                return
+        key = layout.blob_key(row.id)
+        self._backend_call(writer.commit, key, {"digest": digest})
+        with self.store.write() as tx:
+            redundant_key = self.store.store_blob(tx, digest, key, size, checksum, now)
+            self.store.link_blob(tx, row.repository_id, digest, now)
+            self.store.delete_upload(tx, row.id)
+            if redundant_key is not None:
+                self.store.queue_object_deletion(tx, redundant_key, digest, now)
+        if redundant_key is not None:
+            self._delete_doomed([redundant_key])
+
+    def _link_if_live(self, conn: Conn, repository_id: int, digest: str, now: float) -> bool:
+        blob = self.store.blob(conn, digest)
+        if blob is None or blob.state != "live":
+            return False
+        self.store.link_blob(conn, repository_id, digest, now)
+        return True
+
+    def _discard_upload(self, upload_id: str) -> None:
+        with self.store.write() as conn:
+            self.store.delete_upload(conn, upload_id)
+        self._hashes.drop(upload_id)
+        self._backend_call(self.backend.abort_staged, upload_id)
+
+    def _delete_doomed(self, keys: list[str]) -> None:
+        failed = set(self.backend.delete_many(keys))
+        done = [k for k in keys if k not in failed]
+        if done:
+            with self.store.write() as conn:
+                self.store.forget_doomed(conn, done)
+
+    # ========================================================================= blobs
+    def stat_blob(self, repository: str, digest: str) -> BlobInfo:
+        check_name(repository)
+        parse_digest(digest)
+        blob = self.store.linked_blob(self.store.read(), repository, digest)
+        if blob is not None:
+            self.activity.blob_touched(digest)
+            return BlobInfo(digest, blob.size)
+        manifest = self.store.manifest(self.store.read(), repository, digest, with_data=False)
+        if manifest is not None:
+            return BlobInfo(digest, manifest.size)
+        raise BlobUnknown(detail={"digest": digest})
+
+    def open_blob(self, repository: str, digest: str) -> BlobReader:
+        check_name(repository)
+        parse_digest(digest)
+        blob = self.store.linked_blob(self.store.read(), repository, digest)
+        if blob is not None:
+            key = blob.storage_key
+            path = self._local_paths.local_path(key) if self._local_paths is not None else None
+            return BlobReader(digest, blob.size, path, lambda s, e: self._read_object(key, s, e))
+        # A manifest is content-addressed too; some clients fetch it through the blob route.
+        manifest = self.store.manifest(self.store.read(), repository, digest, with_data=True)
+        if manifest is not None and manifest.data is not None:
+            data = manifest.data
+            return BlobReader(digest, len(data), None, lambda s, e: iter((data[s:e],)))
+        raise BlobUnknown(detail={"digest": digest})
+
+    def delete_blob(self, repository: str, digest: str) -> None:
+        self._check_deletes()
+        check_name(repository)
+        parse_digest(digest)
+        with self.store.write() as conn:
+            repo_id = self.store.repository_id(conn, repository)
+            if repo_id is None or not self.store.unlink_blob(conn, repo_id, digest):
+                raise BlobUnknown(detail={"digest": digest})
+
+    def _read_object(self, key: str, start: int, end: int | None) -> Iterator[bytes]:
+        try:
+            yield from self.backend.read(key, start, end)
+        except ObjectNotFound:
+            # The row says live but the bytes are gone: never serve a partial or wrong blob.
+            log.error("stored object %s is missing", key)
+            raise StorageUnavailable("stored blob is missing; run cargohold fsck") from None
+
+    # ===================================================================== manifests
+    def put_manifest(
+        self, repository: str, reference: str, data: bytes, content_type: str | None, tags: Iterable[str] = ()
+    ) -> PutManifestResult:
+        check_name(repository)
+        if len(data) > self.limits.manifest_max_bytes:
+            raise ManifestTooLarge(detail={"size": len(data), "limit": self.limits.manifest_max_bytes})
+        all_tags = [check_tag(t) for t in tags]
+        if is_digest(reference):
+            claimed = parse_digest(reference)
+            digest = digest_bytes(data, claimed.algorithm)
+            if digest != str(claimed):
+                raise DigestInvalid(
+                    "manifest digest does not match its content",
+                    detail={"expected": reference, "actual": digest},
+                )
+        else:
+            all_tags.insert(0, check_tag(reference))
+            digest = digest_bytes(data)
+        parsed = parse_manifest(data, content_type)
+        annotations = json.dumps(parsed.annotations, separators=(",", ":")) if parsed.annotations else None
+        new = NewManifest(
+            digest=digest,
+            media_type=parsed.media_type,
+            artifact_type=parsed.artifact_type,
+            subject=parsed.subject,
+            annotations=annotations,
+            data=data,
+            blob_refs=[d.digest for d in parsed.blobs],
+            manifest_refs=[d.digest for d in parsed.children],
+        )
+        unique_tags = tuple(dict.fromkeys(all_tags))
+        now = time.time()
+        with self.store.write() as conn:
+            repo_id = self.store.ensure_repository(conn, repository)
+            # Checked inside the write transaction: a concurrent GC sweep either tombstoned
+            # the blob first (we refuse; the client re-uploads) or it sees our reference.
+            missing = self.store.missing_blobs(conn, repo_id, new.blob_refs)
+            if missing:
+                raise ManifestBlobUnknown(detail={"digest": missing[0]})
+            self._check_blob_sizes(conn, parsed.blobs)
+            missing = self.store.missing_manifests(conn, repo_id, new.manifest_refs)
+            if missing:
+                raise ManifestBlobUnknown(
+                    "index references an unknown manifest", detail={"digest": missing[0]}
+                )
+            self.store.insert_manifest(conn, repo_id, new, now)
+            for tag in unique_tags:
+                self.store.set_tag(conn, repo_id, tag, digest, now)
+        return PutManifestResult(digest, parsed.subject, unique_tags)
+
+    def _check_blob_sizes(self, conn: Conn, descriptors: Iterable[Any]) -> None:
+        for descriptor in descriptors:
+            blob = self.store.blob(conn, descriptor.digest)
+            if blob is not None and blob.size != descriptor.size:
+                raise ManifestInvalid(
+                    "descriptor size does not match the stored blob",
+                    detail={"digest": descriptor.digest, "size": descriptor.size, "stored": blob.size},
+                )
+
+    def get_manifest(self, repository: str, reference: str, with_data: bool = True) -> Manifest:
+        check_name(repository)
+        conn = self.store.read()
+        if is_digest(reference):
+            parse_digest(reference)
+            row = self.store.manifest(conn, repository, reference, with_data)
+            tag = None
+        else:
+            tag = check_tag(reference)
+            row = self.store.tagged_manifest(conn, repository, tag, with_data)
+        if row is None:
+            raise ManifestUnknown(detail={"reference": reference})
+        if with_data:
+            self.activity.manifest_pulled(repository, row.digest, tag)
+        return Manifest(row.digest, row.media_type, row.size, row.data)
+
+    def delete_manifest(self, repository: str, reference: str) -> None:
+        """By digest: the manifest and its tags go. By tag: only the tag goes."""
+        self._check_deletes()
+        check_name(repository)
+        by_digest = is_digest(reference)
+        if by_digest:
+            parse_digest(reference)
+        else:
+            check_tag(reference)
+        with self.store.write() as conn:
+            repo_id = self.store.repository_id(conn, repository)
+            if repo_id is None:
+                raise NameUnknown(detail={"name": repository})
+            if by_digest:
+                deleted = self.store.delete_manifest(conn, repo_id, reference)
+            else:
+                deleted = self.store.delete_tag(conn, repo_id, reference)
+            if not deleted:
+                raise ManifestUnknown(detail={"reference": reference})
+
+    def list_tags(self, repository: str, n: int | None, last: str | None) -> Page:
+        check_name(repository)
+        conn = self.store.read()
+        repo_id = self.store.repository_id(conn, repository)
+        if repo_id is None:
+            raise NameUnknown(detail={"name": repository})
+        limit = MAX_PAGE if n is None else min(n, MAX_PAGE)
+        if limit == 0:
+            return Page([], False)
+        tags = self.store.list_tags(conn, repo_id, last or "", limit + 1)
+        return Page(tags[:limit], len(tags) > limit)
+
+    def list_repositories(self, n: int | None, last: str | None, cap: int) -> Page:
+        limit = cap if n is None else min(n, cap)
+        if limit == 0:
+            return Page([], False)
+        names = self.store.catalog(self.store.read(), last or "", limit + 1)
+        return Page(names[:limit], len(names) > limit)
+
+    def referrers(
+        self, repository: str, digest: str, artifact_type: str | None, last: str | None, page_size: int
+    ) -> Page:
+        """Manifests in ``repository`` whose subject is ``digest``, as OCI descriptors."""
+        check_name(repository)
+        parse_digest(digest)
+        conn = self.store.read()
+        repo_id = self.store.repository_id(conn, repository)
+        if repo_id is None:
+            return Page([], False)
+        rows = self.store.referrers(conn, repo_id, digest, artifact_type, last or "", page_size + 1)
+        return Page([_referrer_descriptor(r) for r in rows[:page_size]], len(rows) > page_size)
+
+    # ===================================================================== operations
+    def check(self) -> None:
+        """Raise if the metadata store or the backend cannot be reached."""
+        self.store.check()
+        self._backend_call(self.backend.check)
+
+    def _check_deletes(self) -> None:
+        if not self.limits.delete_enabled:
+            raise DeletesDisabled()
+
+    def _backend_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ObjectNotFound:
+            raise
+        except (BackendError, OSError) as exc:
+            log.exception("backend call %s failed", getattr(fn, "__name__", fn))
+            raise StorageUnavailable(f"storage backend error: {exc}") from exc
+
+
+class _StagedClaim:
+    """The backend's exclusive claim on a staged upload, with its errors translated."""
+
+    def __init__(self, backend: Backend, row: UploadRow) -> None:
+        self._cm = backend.open_staged(row.id)
+        self._row = row
+
+    def __enter__(self) -> Any:
+        try:
+            return self._cm.__enter__()
+        except StagedBusy:
+            raise UploadBusy(size=self._row.size, upload_offset=self._row.size) from None
+        except ObjectNotFound:
+            raise BlobUploadUnknown(detail={"uuid": self._row.id}) from None
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._cm.__exit__(*exc)
+
+
+def _referrer_descriptor(row: ReferrerRow) -> dict[str, Any]:
+    descriptor: dict[str, Any] = {"mediaType": row.media_type, "digest": row.digest, "size": row.size}
+    if row.artifact_type:
+        descriptor["artifactType"] = row.artifact_type
+    if row.annotations:
+        descriptor["annotations"] = json.loads(row.annotations)
+    return descriptor
+
+
+__all__ = [
+    "BlobInfo",
+    "BlobReader",
+    "Manifest",
+    "Page",
+    "PutManifestResult",
+    "Registry",
+    "RegistryLimits",
+    "UploadState",
+]

@@ -1,0 +1,170 @@
+"""The SQLite schema, built and evolved by numbered migrations (sqlite-utils).
+
+::
+
+    repositories (id, name UNIQUE, created_at)
+        │
+        ├── repository_blobs (repository_id, digest, linked_at)      which blobs a repository may serve
+        │        └──► blobs (digest PK, storage_key, size, state, checksum,
+        │                    created_at, touched_at, manifest_refs, repo_links)
+        │                    one row per digest: global dedup; state 'live' or 'deleting'
+        ├── manifests (repository_id, digest, media_type, artifact_type, subject,
+        │              annotations, size, created_at, last_pulled_at)
+        │        ├──► manifest_content (digest PK, data, repo_count)  the exact bytes, shared
+        │        └── manifest_references (repository_id, manifest_digest, target_digest, kind)
+        │                    kind 'blob' (config, layers) or 'manifest' (index children)
+        ├── tags (repository_id, name, manifest_digest, created_at, updated_at, last_pulled_at)
+        └── uploads (id PK, repository_id, algorithm, size, created_at, updated_at, expires_at)
+
+    doomed_objects (storage_key PK, digest, queued_at)   physical copies waiting to be deleted
+
+Refcounts: ``blobs.manifest_refs`` = rows of manifest_references (kind 'blob') naming the
+digest, in any repository; ``blobs.repo_links`` = rows of repository_blobs. Both change
+in the same transaction as the rows they count. ``manifest_content.repo_count`` = rows of
+manifests with that digest.
+
+Migrations run in one ``BEGIN IMMEDIATE`` transaction, so several worker processes that
+start together apply each one exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import sqlite_utils
+
+Migration = Callable[[sqlite_utils.Database], None]
+
+
+def _v1_initial(db: sqlite_utils.Database) -> None:
+    db.create_table(
+        "repositories",
+        {"id": int, "name": str, "created_at": float},
+        pk="id",
+        not_null={"name", "created_at"},
+    )
+    db["repositories"].create_index(["name"], unique=True)
+
+    db.create_table(
+        "blobs",
+        {
+            "digest": str,
+            "storage_key": str,
+            "size": int,
+            "state": str,
+            "checksum": str,
+            "created_at": float,
+            "touched_at": float,
+            "manifest_refs": int,
+            "repo_links": int,
+        },
+        pk="digest",
+        not_null={"storage_key", "size", "state", "created_at", "touched_at", "manifest_refs", "repo_links"},
+        defaults={"manifest_refs": 0, "repo_links": 0, "state": "live"},
+    )
+    db["blobs"].create_index(["state", "touched_at"])
+
+    db.create_table(
+        "repository_blobs",
+        {"repository_id": int, "digest": str, "linked_at": float},
+        pk=("repository_id", "digest"),
+        not_null={"linked_at"},
+    )
+    db["repository_blobs"].create_index(["digest"])
+
+    db.create_table(
+        "manifest_content",
+        {"digest": str, "data": bytes, "repo_count": int},
+        pk="digest",
+        not_null={"data", "repo_count"},
+        defaults={"repo_count": 0},
+    )
+    db.create_table(
+        "manifests",
+        {
+            "repository_id": int,
+            "digest": str,
+            "media_type": str,
+            "artifact_type": str,
+            "subject": str,
+            "annotations": str,
+            "size": int,
+            "created_at": float,
+            "last_pulled_at": float,
+        },
+        pk=("repository_id", "digest"),
+        not_null={"media_type", "size", "created_at"},
+    )
+    db["manifests"].create_index(["repository_id", "subject"])
+    db["manifests"].create_index(["digest"])
+
+    db.create_table(
+        "manifest_references",
+        {"repository_id": int, "manifest_digest": str, "target_digest": str, "kind": str},
+        pk=("repository_id", "manifest_digest", "target_digest", "kind"),
+    )
+    db["manifest_references"].create_index(["repository_id", "target_digest"])
+    db["manifest_references"].create_index(["target_digest", "kind"])
+
+    db.create_table(
+        "tags",
+        {
+            "repository_id": int,
+            "name": str,
+            "manifest_digest": str,
+            "created_at": float,
+            "updated_at": float,
+            "last_pulled_at": float,
+        },
+        pk=("repository_id", "name"),
+        not_null={"manifest_digest", "created_at", "updated_at"},
+    )
+    db["tags"].create_index(["repository_id", "manifest_digest"])
+
+    db.create_table(
+        "uploads",
+        {
+            "id": str,
+            "repository_id": int,
+            "algorithm": str,
+            "size": int,
+            "created_at": float,
+            "updated_at": float,
+            "expires_at": float,
+        },
+        pk="id",
+        not_null={"repository_id", "algorithm", "size", "created_at", "updated_at", "expires_at"},
+        defaults={"size": 0},
+    )
+    db["uploads"].create_index(["expires_at"])
+
+    db.create_table(
+        "doomed_objects",
+        {"storage_key": str, "digest": str, "queued_at": float},
+        pk="storage_key",
+        not_null={"queued_at"},
+    )
+
+
+MIGRATIONS: list[Migration] = [_v1_initial]
+"""Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Bring the schema to the newest version; returns the version. Safe to race."""
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)"
+        )
+        current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            MIGRATIONS[version - 1](db)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(MIGRATIONS)
