@@ -23,7 +23,6 @@ from cargohold.engine.errors import (
     ManifestTooLarge,
     ManifestUnknown,
     PaginationInvalid,
-    SizeInvalid,
     Unsupported,
 )
 from cargohold.engine.manifests import OCI_INDEX
@@ -176,14 +175,7 @@ class DistributionAPI:
 
     async def patch_upload(self, request: Request, p: dict[str, str]) -> Response:
         name, upload_id = p["name"], p["id"]
-        length = parse_length(request.headers.get("content-length"))
-        chunk = parse_content_range(request.headers.get("content-range"), 0)
-        start = None
-        if chunk is not None:
-            start, chunk_length = chunk
-            if length is not None and length != chunk_length:
-                raise _range_mismatch(length, chunk_length)
-            length = chunk_length
+        start, length = _chunk(request)
         async with BodyPump(request) as pump:
             state = await run_in_threadpool(
                 lambda: self.registry.append_upload(
@@ -197,14 +189,7 @@ class DistributionAPI:
         digest = request.query_params.get("digest")
         if not digest:
             raise DigestInvalid("the digest query parameter is required to complete an upload")
-        length = parse_length(request.headers.get("content-length"))
-        chunk = parse_content_range(request.headers.get("content-range"), 0)
-        start = None
-        if chunk is not None:
-            start, chunk_length = chunk
-            if length is not None and length != chunk_length:
-                raise _range_mismatch(length, chunk_length)
-            length = chunk_length
+        start, length = _chunk(request)
         async with BodyPump(request) as pump:
             info = await run_in_threadpool(
                 lambda: self.registry.finish_upload(
@@ -322,11 +307,18 @@ class DistributionAPI:
         return Response(json.dumps(body, separators=(",", ":")), media_type=OCI_INDEX, headers=headers)
 
 
-def _range_mismatch(length: int, chunk_length: int) -> SizeInvalid:
-    return SizeInvalid(
-        "Content-Length does not match Content-Range",
-        detail={"Content-Length": length, "Content-Range length": chunk_length},
-    )
+def _chunk(request: Request) -> tuple[int | None, int | None]:
+    """Where a chunk claims to start and how long it is (Content-Range wins over Content-Length).
+
+    The engine checks the start first (416 when out of order) and then that exactly
+    ``length`` bytes arrived, so a Content-Length that disagrees with Content-Range
+    ends as SIZE_INVALID with nothing acknowledged.
+    """
+    length = parse_length(request.headers.get("content-length"))
+    chunk = parse_content_range(request.headers.get("content-range"), 0)
+    if chunk is None:
+        return None, length
+    return chunk
 
 
 def _accepts(accept: str | None, media_type: str) -> bool:
