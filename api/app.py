@@ -8,17 +8,18 @@ import logging
 import random
 from collections.abc import AsyncIterator
 
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 from cargohold.api.accesslog import AccessLog
 from cargohold.api.distribution import DistributionAPI
 from cargohold.api.errors import HANDLERS
 from cargohold.engine import Registry
 from cargohold.engine.activity import FLUSH_INTERVAL_SECONDS
 from cargohold.engine.errors import RegistryError
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 log = logging.getLogger("cargohold.api")
 

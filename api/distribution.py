@@ -14,6 +14,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
 from cargohold.api.body import BodyPump, read_limited
 from cargohold.api.ranges import parse_content_range, parse_length, parse_range
 from cargohold.engine import Registry
@@ -26,10 +31,6 @@ from cargohold.engine.errors import (
     Unsupported,
 )
 from cargohold.engine.manifests import OCI_INDEX
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import FileResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 JSON = "application/json"

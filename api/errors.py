@@ -10,9 +10,10 @@ import json
 import logging
 from typing import Any
 
-from cargohold.engine import errors as e
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+
+from cargohold.engine import errors as e
 
 log = logging.getLogger("cargohold.api")
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import xxhash
+
 from cargohold.engine.digests import new_hasher
 
 ReadStaged = Callable[[int, int], Iterator[bytes]]

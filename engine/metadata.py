@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
+
 from cargohold.engine.errors import StorageUnavailable
 from cargohold.engine.schema import migrate
 
