@@ -32,6 +32,7 @@ from cargohold.engine.errors import (
 )
 from cargohold.engine.manifests import OCI_INDEX
 
+_DIGITS = re.compile(r"[0-9]{1,9}")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 JSON = "application/json"
 Handler = Callable[[Request, "DistributionAPI", dict[str, str]], Awaitable[Response]]
@@ -46,13 +47,14 @@ def _upload_headers(name: str, upload_id: str, size: int) -> dict[str, str]:
     }
 
 
-def _page_size(request: Request, cap: int) -> int | None:
+def _page_size(request: Request, cap: int) -> tuple[int, bool]:
+    """``n`` capped at ``cap`` (the cap also applies when n is absent), and whether n was given."""
     raw = request.query_params.get("n")
     if raw is None or raw == "":
-        return None
-    if not raw.isdigit() or len(raw) > 9:
+        return cap, False
+    if not _DIGITS.fullmatch(raw):
         raise PaginationInvalid("n must be a non-negative integer", detail={"n": raw[:20]})
-    return min(int(raw), cap)
+    return min(int(raw), cap), True
 
 
 def _last(request: Request) -> str | None:
@@ -219,7 +221,8 @@ class DistributionAPI:
         with_data = request.method == "GET"
         reference = p["reference"]
         manifest = self.registry.get_manifest(p["name"], reference, with_data=with_data)
-        if ":" not in reference and not _accepts(request.headers.get("accept"), manifest.media_type):
+        accept = ",".join(request.headers.getlist("accept"))
+        if ":" not in reference and not _accepts(accept, manifest.media_type):
             # As Distribution does: a tag whose manifest the client cannot parse is "not
             # there" for it; by digest the client asked for exactly these bytes.
             raise ManifestUnknown(
@@ -270,22 +273,20 @@ class DistributionAPI:
     # ------------------------------------------------------------------ discovery
     async def list_tags(self, request: Request, p: dict[str, str]) -> Response:
         name = p["name"]
-        n, last = _page_size(request, self.tags_max_n), _last(request)
+        (n, _), last = _page_size(request, self.tags_max_n), _last(request)
         page = await run_in_threadpool(self.registry.list_tags, name, n, last)
         headers = {}
         if page.more and page.items:
-            size = n if n is not None else len(page.items)
-            headers["Link"] = _next_link(f"/v2/{name}/tags/list", {"n": size, "last": page.items[-1]})
+            headers["Link"] = _next_link(f"/v2/{name}/tags/list", {"n": n, "last": page.items[-1]})
         body = json.dumps({"name": name, "tags": page.items}, separators=(",", ":"))
         return Response(body, media_type=JSON, headers=headers)
 
     async def catalog(self, request: Request) -> Response:
-        n, last = _page_size(request, self.catalog_max_n), _last(request)
-        page = await run_in_threadpool(self.registry.list_repositories, n, last, self.catalog_max_n)
+        (n, _), last = _page_size(request, self.catalog_max_n), _last(request)
+        page = await run_in_threadpool(self.registry.list_repositories, n, last)
         headers = {}
         if page.more and page.items:
-            size = n if n is not None else len(page.items)
-            headers["Link"] = _next_link("/v2/_catalog", {"n": size, "last": page.items[-1]})
+            headers["Link"] = _next_link("/v2/_catalog", {"n": n, "last": page.items[-1]})
         body = json.dumps({"repositories": page.items}, separators=(",", ":"))
         return Response(body, media_type=JSON, headers=headers)
 

@@ -10,6 +10,7 @@ import json
 import logging
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -77,6 +78,19 @@ async def registry_error_handler(request: Request, exc: Exception) -> Response:
     return error_response(exc, headers)
 
 
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 (paths outside /v2/, wrong methods) in the OCI shape."""
+    assert isinstance(exc, HTTPException)
+    code = "UNSUPPORTED"
+    message = "unknown endpoint" if exc.status_code == 404 else str(exc.detail)
+    return Response(
+        error_body(code, message),
+        status_code=exc.status_code,
+        headers=exc.headers,
+        media_type="application/json",
+    )
+
+
 async def disconnect_handler(request: Request, exc: Exception) -> Response:
     # The client went away mid-request; nothing was acknowledged, nobody reads this.
     return Response(status_code=400)
@@ -91,6 +105,7 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
 
 HANDLERS = {
     e.RegistryError: registry_error_handler,
+    HTTPException: http_error_handler,
     ClientDisconnect: disconnect_handler,
     Exception: unexpected_error_handler,
 }

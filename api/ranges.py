@@ -6,8 +6,9 @@ import re
 
 from cargohold.engine.errors import BlobUploadInvalid, RangeInvalid
 
-_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
-_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?")
+_RANGE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})(?:/(?:[0-9]{1,19}|\*))?")
+_LENGTH = re.compile(r"[0-9]{1,19}")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -19,8 +20,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if header is None:
         return None
     header = header.strip()
-    if "," in header:
-        return None
+    if "," in header or not header.lower().startswith("bytes"):
+        return None  # RFC 9110: ignore ranges of units we do not know, and multi-range is optional
     match = _RANGE.fullmatch(header.replace(" ", ""))
     if match is None:
         raise RangeInvalid("malformed Range header", size=size)
@@ -55,6 +56,6 @@ def parse_content_range(header: str | None, current: int) -> tuple[int, int] | N
 def parse_length(header: str | None) -> int | None:
     if header is None:
         return None
-    if not header.strip().isdigit() or len(header.strip()) > 19:
+    if not _LENGTH.fullmatch(header.strip()):
         raise BlobUploadInvalid("malformed Content-Length header")
     return int(header)

@@ -98,6 +98,8 @@ def parse_manifest(data: bytes, content_type: str | None) -> ParsedManifest:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ManifestInvalid("manifest JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid("manifest must be a JSON object")
 
@@ -107,7 +109,9 @@ def parse_manifest(data: bytes, content_type: str | None) -> ParsedManifest:
     header_type = _base_media_type(content_type)
     if header_type in DOCKER_SCHEMA1 or declared in DOCKER_SCHEMA1:
         raise ManifestInvalid("Docker schema 1 manifests are not supported")
-    if declared and header_type and header_type != declared and header_type in MANIFEST_TYPES:
+    if header_type and header_type not in MANIFEST_TYPES:
+        raise ManifestInvalid(f"unsupported manifest Content-Type {header_type!r}")
+    if declared and header_type and header_type != declared:
         raise ManifestInvalid(f"Content-Type {header_type} does not match mediaType {declared}")
     media_type = declared or (header_type if header_type in MANIFEST_TYPES else None)
     if media_type is None:

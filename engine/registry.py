@@ -467,20 +467,20 @@ class Registry:
             if not deleted:
                 raise ManifestUnknown(detail={"reference": reference})
 
-    def list_tags(self, repository: str, n: int | None, last: str | None) -> Page:
+    def list_tags(self, repository: str, n: int, last: str | None) -> Page:
         check_name(repository)
         conn = self.store.read()
         repo_id = self.store.repository_id(conn, repository)
         if repo_id is None:
             raise NameUnknown(detail={"name": repository})
-        limit = MAX_PAGE if n is None else min(n, MAX_PAGE)
+        limit = min(n, MAX_PAGE)
         if limit == 0:
             return Page([], False)
         tags = self.store.list_tags(conn, repo_id, last or "", limit + 1)
         return Page(tags[:limit], len(tags) > limit)
 
-    def list_repositories(self, n: int | None, last: str | None, cap: int) -> Page:
-        limit = cap if n is None else min(n, cap)
+    def list_repositories(self, n: int, last: str | None) -> Page:
+        limit = min(n, MAX_PAGE)
         if limit == 0:
             return Page([], False)
         names = self.store.catalog(self.store.read(), last or "", limit + 1)
