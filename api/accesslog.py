@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,6 +51,7 @@ class AccessLog:
                 "bytes_out": sent,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 "client": (scope.get("client") or ("-",))[0],
+                "pid": os.getpid(),
             }
             if self.fmt == "json":
                 log.info(json.dumps(record, separators=(",", ":")))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "CARGOHOLD_CONFIG"
+_config_path: ContextVar[Path | None] = ContextVar("cargohold_config_path", default=None)
 
 
 class FilesystemStorage(BaseModel):
@@ -100,13 +102,13 @@ class Settings(BaseSettings):
 
 
 class _FileSource(PydanticBaseSettingsSource):
-    """Reads the file named by ``CARGOHOLD_CONFIG`` (YAML or TOML, by extension)."""
+    """Reads the file given to ``load_settings`` or named by ``CARGOHOLD_CONFIG`` (YAML or TOML)."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = os.environ.get(CONFIG_ENV)
+        path = _config_path.get() or os.environ.get(CONFIG_ENV)
         return load_config_file(Path(path)) if path else {}
 
 
@@ -121,6 +123,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings, reading ``config_path`` if given (it wins over ``CARGOHOLD_CONFIG``)."""
-    if config_path is not None:
-        os.environ[CONFIG_ENV] = str(config_path)
-    return Settings(**overrides)
+    token = _config_path.set(config_path)
+    try:
+        return Settings(**overrides)
+    finally:
+        _config_path.reset(token)

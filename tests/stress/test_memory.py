@@ -4,7 +4,6 @@ chunked, and read the peak RSS (VmHWM) of every server process afterwards."""
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
