@@ -46,7 +46,8 @@ def pattern_blob(seed: int) -> Iterator[bytes]:
 
 
 def test_two_gib_push_and_pull_keep_server_memory_flat(tmp_path: Path) -> None:
-    with RegistryProcess(data_dir=tmp_path / "data") as server:
+    # One worker: the figure is the whole server tree (supervisor + worker) of a single-worker server.
+    with RegistryProcess(data_dir=tmp_path / "data", env={"CARGOHOLD_WORKERS": "1"}) as server:
         assert server.proc is not None
         expected = hashlib.sha256()
         for piece in pattern_blob(1):

@@ -38,8 +38,10 @@ def check_data_dir(data_dir: Path, verify_digests: bool = True) -> list[str]:
                 if hasher.hexdigest() != expected:
                     problems.append(f"blob {digest}: stored bytes do not match the digest")
         for (digest,) in db.execute(
-            "SELECT b.digest FROM blobs b WHERE b.manifest_refs != (SELECT COUNT(*) FROM manifest_references r "
-            "WHERE r.target_digest = b.digest AND r.kind = 'blob') OR b.repo_links != "
+            "SELECT b.digest FROM blobs b WHERE b.manifest_refs != "
+            "(SELECT COUNT(*) FROM manifest_references r "
+            "WHERE r.target_digest = b.digest AND r.kind = 'blob') "
+            "OR b.repo_links != "
             "(SELECT COUNT(*) FROM repository_blobs rb WHERE rb.digest = b.digest)"
         ):
             problems.append(f"blob {digest}: refcounts differ from the reference rows")
