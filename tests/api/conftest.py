@@ -52,7 +52,7 @@ SMALL_LIMITS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_limits_registry() -> Iterator[RegistryProcess]:
     """cargohold with tiny page sizes and a minimum chunk length."""
     yield from _private_server(SMALL_LIMITS)

@@ -9,8 +9,14 @@ import pytest
 
 from tests.api.oci import (
     ALL_MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
     assert_error,
+    descriptor,
     distribution_deviates,
+    encode,
+    image_manifest,
     push_blob,
     push_image,
     push_index,
@@ -99,6 +105,26 @@ def test_delete_blob_leaves_other_repositories_alone(client: httpx.Client, repo:
     got = client.get(f"/v2/{other}/blobs/{digest}")
     assert got.status_code == 200
     assert got.content == data
+
+
+def test_manifest_cannot_reference_a_deleted_blob(client: httpx.Client, repo: str) -> None:
+    data = random_bytes(100)
+    digest = push_blob(client, repo, data)
+    config = b'{"os": "linux"}'
+    push_blob(client, repo, config)
+    assert client.delete(f"/v2/{repo}/blobs/{digest}").status_code == 202
+    body = encode(image_manifest(descriptor(OCI_CONFIG, config), [descriptor(OCI_LAYER, data)]))
+    resp = client.put(f"/v2/{repo}/manifests/v1", content=body, headers={"Content-Type": OCI_MANIFEST})
+    assert_error(resp, 400, "MANIFEST_BLOB_UNKNOWN")
+
+
+def test_deleted_blob_cannot_be_mounted_from(client: httpx.Client, repo: str) -> None:
+    digest = push_blob(client, repo, random_bytes(100))
+    assert client.delete(f"/v2/{repo}/blobs/{digest}").status_code == 202
+    target = unique_repo()
+    resp = client.post(f"/v2/{target}/blobs/uploads/", params={"mount": digest, "from": repo})
+    assert resp.status_code == 202
+    assert client.head(f"/v2/{target}/blobs/{digest}").status_code == 404
 
 
 def test_blob_can_be_pushed_again_after_delete(client: httpx.Client, repo: str) -> None:

@@ -153,6 +153,28 @@ def test_manifest_with_a_long_tag(client: httpx.Client, repo: str) -> None:
     assert_manifest(client, image, tag)
 
 
+def test_content_type_parameters_are_ignored(client: httpx.Client, repo: str) -> None:
+    """Registries SHOULD ignore Content-Type parameters, and SHOULD NOT send any back."""
+    body = encode(image_manifest(config_descriptor(client, repo), []))
+    resp = put_manifest(client, repo, "v1", body, f"{OCI_MANIFEST}; charset=utf-8")
+    assert resp.status_code == 201, resp.text
+    got = client.get(f"/v2/{repo}/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    assert got.headers["content-type"] == OCI_MANIFEST
+    assert got.content == body
+
+
+def test_manifest_without_media_type_field(client: httpx.Client, repo: str) -> None:
+    """mediaType is a SHOULD in the image spec: the Content-Type then decides."""
+    doc = image_manifest(config_descriptor(client, repo), [])
+    del doc["mediaType"]
+    body = encode(doc)
+    assert put_manifest(client, repo, "v1", body, OCI_MANIFEST).status_code == 201
+    got = client.get(f"/v2/{repo}/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    assert got.status_code == 200
+    assert got.headers["content-type"] == OCI_MANIFEST
+    assert got.content == body
+
+
 # --- content negotiation -----------------------------------------------------------------
 
 

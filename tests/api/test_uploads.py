@@ -246,6 +246,22 @@ def test_streamed_patch_with_chunked_transfer_encoding(client: httpx.Client, rep
     assert_blob(client, repo, digest, data)
 
 
+def test_interleaved_sessions_for_the_same_blob(client: httpx.Client, repo: str) -> None:
+    """Two clients pushing the same layer at once: both succeed, one blob results."""
+    data = random_bytes(3000)
+    digest = sha256(data)
+    first = start_upload(client, repo).headers["location"]
+    second = start_upload(client, repo).headers["location"]
+    first = client.patch(first, content=data[:1000], headers=OCTET).headers["location"]
+    second = client.patch(second, content=data[:2000], headers=OCTET).headers["location"]
+    first = client.patch(first, content=data[1000:], headers=OCTET).headers["location"]
+    assert_created(
+        client.put(with_query(second, {"digest": digest}), content=data[2000:], headers=OCTET), digest
+    )
+    assert_created(client.put(with_query(first, {"digest": digest})), digest)
+    assert_blob(client, repo, digest, data)
+
+
 # --- session status and cancel ----------------------------------------------------------
 
 
@@ -260,6 +276,35 @@ def test_session_status(client: httpx.Client, repo: str) -> None:
     assert resp.headers["range"] == f"0-{len(chunk) - 1}"
     assert resp.headers.get("location")
     assert resp.headers["docker-upload-uuid"] == post.headers["docker-upload-uuid"]
+
+
+def test_status_of_a_fresh_session(client: httpx.Client, repo: str) -> None:
+    post = start_upload(client, repo)
+    resp = client.get(post.headers["location"])
+    assert resp.status_code == 204
+    assert resp.headers["docker-upload-uuid"] == post.headers["docker-upload-uuid"]
+    # Nothing received yet: "0-0" (Distribution's habit) or "0--1"; the header is required.
+    assert resp.headers["range"] in ("0-0", "0--1")
+
+
+def test_large_blob_in_big_chunks(client: httpx.Client, repo: str) -> None:
+    """16 MiB in three PATCHes, streamed both ways, then a ranged read at the tail."""
+    mib = 1024 * 1024
+    data = random_bytes(16 * mib)
+    digest = sha256(data)
+    location = start_upload(client, repo).headers["location"]
+    for start in range(0, len(data), 6 * mib):
+        resp = patch_chunk(client, location, data[start : start + 6 * mib], start)
+        assert resp.status_code == 202
+        location = resp.headers["location"]
+    assert_created(client.put(with_query(location, {"digest": digest})), digest)
+    with client.stream("GET", f"/v2/{repo}/blobs/{digest}") as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-length"] == str(len(data))
+        assert sha256(b"".join(resp.iter_bytes())) == digest
+    tail = client.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": f"bytes={len(data) - 100}-"})
+    assert tail.status_code == 206
+    assert tail.content == data[-100:]
 
 
 def test_cancel_session(client: httpx.Client, repo: str) -> None:
@@ -342,6 +387,35 @@ def test_sha512_chunked_with_digest_algorithm(client: httpx.Client, repo: str) -
         location = resp.headers["location"]
     assert_created(client.put(with_query(location, {"digest": digest})), digest)
     assert_blob(client, repo, digest, data)
+
+
+@distribution_deviates("answers a sha512 upload with a sha256 Docker-Content-Digest")
+def test_same_bytes_under_sha256_and_sha512(client: httpx.Client, repo: str) -> None:
+    data = random_bytes(500)
+    assert push_blob(client, repo, data, sha512(data)) == sha512(data)
+    assert push_blob(client, repo, data) == sha256(data)
+    assert_blob(client, repo, sha512(data), data)
+    assert_blob(client, repo, sha256(data), data)
+
+
+@distribution_deviates("has no ?digest-algorithm= (distribution-spec main, end-4c)")
+def test_digest_algorithm_differs_from_the_final_digest(client: httpx.Client, repo: str) -> None:
+    """The session hashed with sha512 but the client closes with a sha256 digest: the
+    registry verifies anyway (re-reading the bytes) or refuses; it never trusts blindly."""
+    data = random_bytes(2000)
+    post = start_upload(client, repo, **{"digest-algorithm": "sha512"})
+    patched = client.patch(post.headers["location"], content=data, headers=OCTET)
+    assert patched.status_code == 202
+    resp = client.put(with_query(patched.headers["location"], {"digest": sha256(data)}))
+    if resp.status_code == 201:
+        assert_blob(client, repo, sha256(data), data)
+    else:
+        assert_error(resp, 400, ("DIGEST_INVALID", "UNSUPPORTED", "BLOB_UPLOAD_INVALID"))
+    # A wrong sha256 digest is refused either way.
+    post = start_upload(client, repo, **{"digest-algorithm": "sha512"})
+    patched = client.patch(post.headers["location"], content=data, headers=OCTET)
+    bad = client.put(with_query(patched.headers["location"], {"digest": sha256(b"other")}))
+    assert_error(bad, 400, ("DIGEST_INVALID", "UNSUPPORTED", "BLOB_UPLOAD_INVALID"))
 
 
 def test_sha512_wrong_digest(client: httpx.Client, repo: str) -> None:
