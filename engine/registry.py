@@ -142,12 +142,7 @@ class Registry:
         """Append a chunk. ``start`` (from Content-Range) must equal the current size."""
         row = self._upload(repository, upload_id)
         with self._open_staged(row) as writer:
-            row, hasher = self._resume(writer, row)
-            if start is not None and start != row.size:
-                raise RangeInvalid(
-                    "chunk does not start where the upload ends", size=row.size, upload_offset=row.size
-                )
-            new_size = self._write_chunks(writer, hasher, chunks, row.size, length)
+            row, hasher, new_size = self._receive(writer, row, chunks, start, length)
             writer.flush()
             self._acknowledge(row, new_size, hasher)
         return UploadState(row.id, repository, new_size)
@@ -166,12 +161,7 @@ class Registry:
         expected = parse_digest(digest)
         row = self._upload(repository, upload_id)
         with self._open_staged(row) as writer:
-            row, hasher = self._resume(writer, row)
-            if start is not None and start != row.size:
-                raise RangeInvalid(
-                    "chunk does not start where the upload ends", size=row.size, upload_offset=row.size
-                )
-            size = self._write_chunks(writer, hasher, chunks, row.size, length)
+            row, hasher, size = self._receive(writer, row, chunks, start, length)
             if expected.algorithm != hasher.algorithm:
                 hasher = hash_stream(expected.algorithm, self.backend.read_staged(row.id, 0, size))
             if hasher.digest != str(expected):
@@ -239,6 +229,17 @@ class Registry:
 
     def _open_staged(self, row: UploadRow) -> _StagedClaim:
         return _StagedClaim(self.backend, row)
+
+    def _receive(
+        self, writer: Any, row: UploadRow, chunks: Iterable[bytes], start: int | None, length: int | None
+    ) -> tuple[UploadRow, ContentHasher, int]:
+        """Under the claim: resume, check the chunk starts where the upload ends, write it."""
+        row, hasher = self._resume(writer, row)
+        if start is not None and start != row.size:
+            raise RangeInvalid(
+                "chunk does not start where the upload ends", size=row.size, upload_offset=row.size
+            )
+        return row, hasher, self._write_chunks(writer, hasher, chunks, row.size, length)
 
     def _resume(self, writer: Any, row: UploadRow) -> tuple[UploadRow, ContentHasher]:
         """Re-read the session under the claim, drop unacknowledged bytes, resume the hash."""
