@@ -55,7 +55,8 @@ class Settings(BaseSettings):
 
     address: str = "127.0.0.1:5000"
     data_dir: Path = Path("cargohold-data")
-    workers: int = Field(1, ge=1, le=64)
+    # Worker processes sharing the SQLite file; by default one per CPU (at most 8).
+    workers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 8), ge=1, le=64)
     server: Literal["granian", "uvicorn"] = "granian"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "logfmt"] = "json"
