@@ -1,0 +1,253 @@
+"""Benchmark cargohold against CNCF Distribution over the OCI distribution HTTP API.
+
+Both registries run on loopback with private data directories for the whole run, and each
+repetition measures them back to back in alternating order; the table reports medians
+(peaks for RSS). Run from the repository root:
+
+    python -m loadtests.bench --quick                       # smoke run, ~1 minute
+    python -m loadtests.bench --json out.json               # full run, ~6 minutes
+    python -m loadtests.bench --compare distribution,distribution   # check the harness itself
+    python -m loadtests.bench --memory-check                # 2 GiB push+pull, peak RSS vs limit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # also runnable as `python loadtests/bench.py`
+    sys.path.insert(0, str(ROOT))
+
+from loadtests import loadgen, oci  # noqa: E402
+from loadtests.harness import MIB, Bench, Config, Row, Target, log  # noqa: E402
+from loadtests.rss import PeakRss, tree_rss  # noqa: E402
+from loadtests.scenarios import BIG_REPO, SCENARIOS  # noqa: E402
+from tests.support.servers import RegistryProcess  # noqa: E402
+
+KINDS = ("cargohold", "distribution")
+QUICK = {"reps": 2, "blob_mib": 64, "images": 64, "duration": 3.0, "tags": 1000}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="loadtests.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--compare", default="cargohold,distribution", help="targets A,B (ratio is A/B)")
+    p.add_argument("--only", choices=KINDS, help="benchmark a single server kind")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="short smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+    )
+    p.add_argument("--reps", type=int, help="repetitions per scenario (default 3)")
+    p.add_argument("--blob-mib", type=int, help="large blob size in MiB (default 512)")
+    p.add_argument("--chunk-mib", type=int, default=16, help="PATCH chunk size in MiB")
+    p.add_argument("--images", type=int, help="small images per measurement (default 256)")
+    p.add_argument("--clients", type=int, default=32, help="concurrent small-image pushers")
+    p.add_argument("--layer-kib", type=int, default=16, help="small-image layer size in KiB")
+    p.add_argument("--connections", type=int, default=64, help="connections for manifest GET / blob HEAD")
+    p.add_argument("--duration", type=float, help="seconds per request-rate measurement (default 10)")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1 leaves the servers more CPU)")
+    p.add_argument("--tags", type=int, help="tags in the tags-list repository (default 10000)")
+    p.add_argument("--tag-connections", type=int, default=8, help="connections for the tags list")
+    p.add_argument("--time-cap", type=float, default=300.0, help="upper bound in seconds for any client loop")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="env for cargohold")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--memory-check", action="store_true", help="push+pull one big blob, check peak RSS")
+    p.add_argument("--memory-blob-mib", type=int, default=2048, help="blob size for --memory-check")
+    p.add_argument("--rss-limit-mib", type=float, default=150.0, help="peak RSS limit for --memory-check")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, work_dir: Path) -> Config:
+    def pick(name: str, default: float) -> float:
+        given = getattr(args, name)
+        return given if given is not None else QUICK[name] if args.quick else default
+
+    targets = [args.only] if args.only else [t.strip() for t in args.compare.split(",") if t.strip()]
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    for name in targets:
+        if name not in KINDS:
+            raise SystemExit(f"unknown target {name!r}; choose from {KINDS}")
+    for name in scenarios:
+        if name not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {name!r}; choose from {list(SCENARIOS)}")
+    return Config(
+        targets=targets,
+        scenarios=scenarios,
+        reps=int(pick("reps", 3)),
+        blob_size=int(pick("blob_mib", 512)) * MIB,
+        chunk_size=args.chunk_mib * MIB,
+        images=int(pick("images", 256)),
+        clients=args.clients,
+        layer_size=args.layer_kib * 1024,
+        connections=args.connections,
+        duration=pick("duration", 10.0),
+        wrk_threads=args.wrk_threads,
+        tags=int(pick("tags", 10_000)),
+        tag_connections=args.tag_connections,
+        time_cap=args.time_cap,
+        server_env=dict(item.split("=", 1) for item in args.server_env),
+        work_dir=work_dir,
+    )
+
+
+def start_targets(stack: ExitStack, config: Config) -> list[Target]:
+    """Start every target; a kind that appears twice gets its own server and a ``#2`` label."""
+    targets = []
+    for i, kind in enumerate(config.targets):
+        label = kind if config.targets.count(kind) == 1 else f"{kind}#{config.targets[:i].count(kind) + 1}"
+        env = config.server_env if kind == "cargohold" else {}
+        server = stack.enter_context(RegistryProcess(kind=kind, env=env))
+        log(f"started {label} at {server.url} (pid {server.proc.pid if server.proc else '?'})")
+        targets.append(Target(label, server))
+    return targets
+
+
+def format_table(rows: list[Row], labels: list[str]) -> str:
+    """Plain-text table; the ratio column compares the first two targets."""
+
+    def fmt(row: Row, label: str) -> str:
+        value, spread = row.value(label), row.spread(label)
+        if value is None:
+            return "-"
+        return f"{value:,.1f}" + (f" ±{spread:.0%}" if spread is not None else "")
+
+    header = ["scenario", "unit", *labels]
+    if len(labels) == 2:
+        header.append(f"ratio {labels[0]}/{labels[1]}")
+    lines = [header]
+    for row in rows:
+        values = [row.value(label) for label in labels]
+        line = [row.name, row.unit, *(fmt(row, label) for label in labels)]
+        if len(labels) == 2:
+            a, b = values
+            line.append(f"{a / b:.2f}" if a is not None and b else "-")
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        out.append(" | ".join(cells))
+        if n == 0:
+            out.append("-+-".join("-" * w for w in widths))
+    notes = [
+        f"  {row.name} [{label}]: {text}"
+        for row in rows
+        for label, texts in row.notes.items()
+        for text in texts
+    ]
+    return "\n".join(out + (["", "notes:", *notes] if notes else []))
+
+
+def run_benchmark(config: Config) -> dict[str, object]:
+    started = time.monotonic()
+    # Other work on a 2-core machine skews every number: say so rather than hide it.
+    load_before = os.getloadavg()[0]
+    warning = f"the 1-minute load average was {load_before:.1f} at the start" if load_before > 0.5 else None
+    if warning:
+        log(f"WARNING: {warning}; results will be noisy")
+    with ExitStack() as stack:
+        bench = Bench(config, start_targets(stack, config))
+        for name in config.scenarios:
+            log(f"== {name}")
+            SCENARIOS[name](bench)
+        labels = [t.label for t in bench.targets]
+    rows = [row for row in bench.rows.values() if row.samples or row.notes]
+    elapsed = time.monotonic() - started
+    print(format_table(rows, labels))
+    tools = f"GET {loadgen.generator_name('GET')}, HEAD {loadgen.generator_name('HEAD')}"
+    print(
+        f"\nload generators: {tools}; medians of {config.reps} interleaved reps; "
+        f"RSS rows are peaks of the server's process tree; ±: half the min-max range; runtime {elapsed:.0f}s"
+    )
+    if warning:
+        print(f"WARNING: {warning}")
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()},
+        "load_generator": {m: loadgen.generator_name(m) for m in ("GET", "HEAD")},
+        "runtime_s": round(elapsed, 1),
+        "load_average_before": load_before,
+        "rows": [
+            {
+                "scenario": row.name,
+                "unit": row.unit,
+                "aggregate": row.aggregate,
+                "values": {label: row.value(label) for label in labels},
+                "samples": row.samples,
+                "notes": row.notes,
+            }
+            for row in rows
+        ],
+    }
+
+
+def memory_check(config: Config, blob_size: int, limit_mib: float) -> tuple[dict[str, object], bool]:
+    """Push (monolithic and chunked) and pull one large blob; compare each phase's peak RSS to the limit.
+
+    This is the "a 2 GiB blob must not cost the server more than 150 MiB" check: streaming
+    code passes it with a wide margin, and anything buffering a whole body fails it by GiBs.
+    """
+    kind = config.targets[0]
+    phases: dict[str, float] = {}
+    blob_path = config.work_dir / "mem.bin"
+    with RegistryProcess(kind=kind, env=config.server_env if kind == "cargohold" else {}) as server:
+        target = Target(kind, server)
+        phases["idle"] = tree_rss(target.pid) / MIB
+        for phase in ("push monolithic", "pull", "push chunked"):
+            if phase.startswith("push"):  # each push gets bytes the server has never seen
+                log(f"[memory-check] writing a {blob_size // MIB} MiB random blob")
+                blob = oci.write_random_blob(blob_path, blob_size)
+            log(f"[memory-check] {phase} on {kind}")
+            start = time.perf_counter()
+            with target.client(timeout=600.0) as client, PeakRss(target.pid) as rss:
+                if phase == "push monolithic":
+                    oci.push_monolithic(client, BIG_REPO, blob)
+                elif phase == "push chunked":
+                    oci.push_chunked(client, BIG_REPO, blob, config.chunk_size)
+                else:
+                    oci.pull_blob(target.url, BIG_REPO, blob.digest, verify=True)
+            seconds = time.perf_counter() - start
+            phases[phase] = rss.peak / MIB
+            rate = f"{blob_size / seconds / 1e6:.0f} MB/s" + (
+                " (hashing as it reads)" if phase == "pull" else ""
+            )
+            log(f"  {phase}: {rate}, peak RSS {rss.peak / MIB:.1f} MiB")
+    ok = all(v <= limit_mib for v in phases.values())
+    for phase, mib in phases.items():
+        verdict = "ok" if mib <= limit_mib else "OVER"
+        print(f"{kind} peak RSS ({phase}): {mib:.1f} MiB {verdict} (limit {limit_mib:g})")
+    print(f"memory check {'PASSED' if ok else 'FAILED'} for a {blob_size / MIB / 1024:g} GiB blob")
+    return {"memory_check": {"target": kind, "blob_bytes": blob_size, "peak_rss_mib": phases, "ok": ok}}, ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work_dir = Path(tempfile.mkdtemp(prefix="cargohold-bench-"))
+    try:
+        config = build_config(args, work_dir)
+        if args.memory_check:
+            if not args.only:
+                config.targets = ["cargohold"]
+            result, ok = memory_check(config, args.memory_blob_mib * MIB, args.rss_limit_mib)
+        else:
+            result, ok = run_benchmark(config), True
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
