@@ -1,5 +1,5 @@
-"""The docker CLI and a private dockerd (20.10) against the registry: load, tag, push, pull by
-tag and by digest."""
+"""The docker CLI with a private dockerd (20.10), and containerd's ``ctr``, against the registry:
+load, tag, push, pull by tag and by digest, multi-arch indexes."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.clients import DockerDaemon, describe, get_blob, get_manifest
+from tests.support.clients import DockerDaemon, Skopeo, describe, get_blob, get_manifest
 from tests.support.oci_layout import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
+    OCI_INDEX,
     build_image,
+    build_index,
     sha256_digest,
     write_docker_archive,
+    write_oci_archive,
+    write_oci_layout,
 )
 from tests.support.servers import RegistryProcess
 
@@ -115,3 +119,66 @@ def test_docker_push_second_tag_reuses_layers(
     assert response.status_code == 200, describe(response)
     assert sha256_digest(response.content) == digest_first.group(2)
     docker("rmi", local, first, second)
+
+
+def test_docker_pull_multi_arch_index(
+    registry: RegistryProcess, docker_daemon: DockerDaemon, skopeo: Skopeo, tmp_path: Path, repo_name
+) -> None:
+    """docker resolves an OCI image index pushed by skopeo to its linux/amd64 image."""
+    index = build_index()
+    src = write_oci_layout(tmp_path / "src", {"multi": index})
+    repo = repo_name()
+    skopeo.copy(f"oci:{src}:multi", f"docker://{registry.host}/{repo}:multi", "--all", "--preserve-digests")
+    amd64 = next(image for image in index.images if image.platform["architecture"] == "amd64")
+
+    remote = f"{registry.host}/{repo}:multi"
+    pulled = docker_daemon("pull", "--platform", "linux/amd64", remote)
+    assert index.digest in pulled.stdout, pulled.stdout
+    inspected = json.loads(docker_daemon("image", "inspect", remote).stdout)[0]
+    assert inspected["Id"] == amd64.config.digest
+    assert inspected["Architecture"] == "amd64"
+    assert f"{registry.host}/{repo}@{index.digest}" in inspected["RepoDigests"]
+    docker_daemon("rmi", remote)
+
+
+def test_containerd_ctr_push_pull_all_platforms(
+    registry: RegistryProcess, docker_daemon: DockerDaemon, tmp_path: Path, repo_name
+) -> None:
+    """containerd's resolver and pusher (HEAD before PUT, OCI media types) with a multi-arch index."""
+    index = build_index()
+    archive = write_oci_archive(tmp_path / "multi.tar", {"multi": index})
+    namespace = f"e2e-{tmp_path.name.lower()[-20:]}"
+    ctr = docker_daemon.ctr
+    local = "localhost/e2e/multi:multi"
+    ctr(
+        namespace,
+        "images",
+        "import",
+        "--all-platforms",
+        "--no-unpack",
+        "--base-name",
+        "localhost/e2e/multi",
+        str(archive),
+    )
+    repo = repo_name()
+    remote = f"{registry.host}/{repo}:multi"
+    ctr(namespace, "images", "push", "--plain-http", remote, local)
+
+    response = get_manifest(registry.url, repo, "multi")
+    assert response.status_code == 200, describe(response)
+    assert response.content == index.index.data, describe(response)
+    assert response.headers["content-type"].split(";")[0] == OCI_INDEX, describe(response)
+
+    # Remove the image and its content, so that the pull has to fetch every blob.
+    ctr(namespace, "images", "rm", local)
+    digests = [blob.digest for blob in index.blobs()]
+    ctr(namespace, "content", "rm", *digests)
+    assert ctr(namespace, "content", "get", index.digest, check=False).returncode != 0
+    ctr(namespace, "images", "pull", "--plain-http", "--all-platforms", "--snapshotter", "native", remote)
+    listed = ctr(namespace, "images", "ls").stdout
+    line = next(line for line in listed.splitlines() if line.startswith(remote + " "))
+    assert index.digest in line and "linux/amd64" in line and "linux/arm64/v8" in line, listed
+    for blob in index.blobs():
+        fetched = docker_daemon.ctr_content(namespace, blob.digest)
+        assert fetched == blob.data, f"{blob.digest} ({blob.media_type}) differs after ctr pull"
+    ctr(namespace, "images", "rm", remote)

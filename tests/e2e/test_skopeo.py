@@ -17,6 +17,7 @@ from tests.support.oci_layout import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
+    Image,
     build_image,
     build_index,
     read_oci_layout,
@@ -127,6 +128,30 @@ def test_copy_all_multi_arch_index_roundtrip(
 POST_UPLOAD = re.compile(r"POST (\S*/v2/\S+/blobs/uploads/\S*)")
 
 
+def assert_mounted_not_uploaded(log: str, repo_a: str, image: Image) -> None:
+    """From ``skopeo --debug copy`` output: every layer of ``image`` was mounted from ``repo_a``
+    (POST .../blobs/uploads/?from=<repo_a>&mount=<digest>) and no layer bytes were sent or read."""
+    uploads = POST_UPLOAD.findall(log)
+    upload_lines = "\n".join(line for line in log.splitlines() if "/blobs/uploads/" in line)
+    mount_from = "from=" + quote(repo_a, safe="")
+    for layer in image.layers:
+        mounts = [url for url in uploads if "mount=" + quote(layer.digest, safe="") in url]
+        assert mounts, f"no cross-repository mount for layer {layer.digest}:\n{upload_lines}"
+        assert all(mount_from in url for url in mounts), mounts
+    # A mount that the registry answers with 202 (a plain upload session) makes skopeo fall
+    # back to POST + PATCH + PUT ?digest=. Only the small config blob may be uploaded that
+    # way: skopeo always uploads the config itself.
+    finished = {
+        d.replace("%3A", ":") for d in re.findall(r"PUT \S*/blobs/uploads/\S*[?&]digest=([^&\s\"]+)", log)
+    }
+    assert finished <= {image.config.digest}, f"layer bytes were uploaded again:\n{upload_lines}"
+    assert len(re.findall(r"PATCH \S*/blobs/uploads/", log)) <= len(finished), upload_lines
+    for layer in image.layers:
+        assert f"/blobs/{layer.digest}" not in "\n".join(re.findall(r"GET \S+", log)), (
+            f"layer {layer.digest} was downloaded from the source instead of mounted"
+        )
+
+
 def test_copy_between_repositories_uses_cross_repo_mount(
     registry: RegistryProcess, skopeo: Skopeo, tmp_path: Path, repo_name
 ) -> None:
@@ -146,27 +171,7 @@ def test_copy_between_repositories_uses_cross_repo_mount(
         "--preserve-digests",
         debug=True,
     )
-    log = result.stdout + result.stderr
-    uploads = POST_UPLOAD.findall(log)
-    upload_lines = [line for line in log.splitlines() if "/blobs/uploads/" in line]
-    # Every layer was mounted from repository a: POST .../blobs/uploads/?from=<a>&mount=<digest>.
-    mount_from = "from=" + quote(repo_a, safe="")
-    for layer in image.layers:
-        mounts = [url for url in uploads if "mount=" + quote(layer.digest, safe="") in url]
-        assert mounts, f"no cross-repository mount for layer {layer.digest}:\n" + "\n".join(upload_lines)
-        assert all(mount_from in url for url in mounts), mounts
-    # No layer bytes went over the wire again: any upload session that was not a mount
-    # carried the (small) config blob only, which skopeo always uploads itself.
-    finished = re.findall(r"PUT \S*/blobs/uploads/\S*[?&]digest=([^&\s\"]+)", log)
-    assert {digest.replace("%3A", ":") for digest in finished} <= {image.config.digest}, "\n".join(
-        upload_lines
-    )
-    patches = [line for line in upload_lines if "PATCH " in line]
-    assert len(patches) <= len(finished), "\n".join(upload_lines)
-    for layer in image.layers:
-        assert f"GET {registry.url}/v2/{repo_a}/blobs/{layer.digest}" not in log, (
-            f"layer {layer.digest} was downloaded from the source instead of mounted"
-        )
+    assert_mounted_not_uploaded(result.stdout + result.stderr, repo_a, image)
 
     assert skopeo.inspect_raw(f"docker://{registry.host}/{repo_b}:t") == image.manifest.data
     for layer in image.layers:

@@ -30,6 +30,7 @@ INSTALL_HINTS = {
     "docker": "apt-get install -y docker.io containerd",
     "dockerd": "apt-get install -y docker.io containerd",
     "containerd": "apt-get install -y docker.io containerd",
+    "ctr": "apt-get install -y containerd",
     "podman": "apt-get install -y podman buildah",
     "buildah": "apt-get install -y podman buildah",
 }
@@ -188,6 +189,11 @@ class DockerDaemon:
         return self.root / "docker.sock"
 
     @property
+    def containerd_socket(self) -> Path:
+        assert self.root is not None
+        return self.root / "containerd.sock"
+
+    @property
     def env(self) -> dict[str, str]:
         assert self.root is not None
         return {"DOCKER_HOST": f"unix://{self.socket}", "DOCKER_CONFIG": str(self.root / "cli")}
@@ -201,7 +207,7 @@ class DockerDaemon:
         root = self.root
         (root / "cli").mkdir()
         (root / "cli" / "config.json").write_text("{}")
-        ctr_sock = root / "containerd.sock"
+        ctr_sock = self.containerd_socket
         ctr_config = root / "containerd.toml"
         ctr_config.write_text(
             "version = 2\n"
@@ -252,11 +258,31 @@ class DockerDaemon:
         return self
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run([self.docker_exe, *args], env=self.env, check=check)
+        try:
+            return run([self.docker_exe, *args], env=self.env, check=check)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- dockerd log (tail) ---\n{self.logs()[-5000:]}") from None
 
-    def logs(self) -> str:
+    def ctr(self, namespace: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """containerd's own CLI against this containerd, in ``namespace``."""
+        exe = require_tool("ctr")
+        cmd = [exe, "--address", str(self.containerd_socket), "-n", namespace, *args]
+        try:
+            return run(cmd, check=check)
+        except AssertionError as exc:
+            tail = self.logs("containerd")[-5000:]
+            raise AssertionError(f"{exc}\n--- containerd log (tail) ---\n{tail}") from None
+
+    def ctr_content(self, namespace: str, digest: str) -> bytes:
+        """The bytes of ``digest`` in containerd's content store (``ctr content get``)."""
+        cmd = [require_tool("ctr"), "--address", str(self.containerd_socket), "-n", namespace]
+        proc = subprocess.run([*cmd, "content", "get", digest], capture_output=True, timeout=60)
+        assert proc.returncode == 0, f"ctr content get {digest} failed: {proc.stderr.decode()}"
+        return proc.stdout
+
+    def logs(self, daemon: str = "dockerd") -> str:
         assert self.root is not None
-        return (self.root / "dockerd.log").read_text(errors="replace")
+        return (self.root / f"{daemon}.log").read_text(errors="replace")
 
     def stop(self) -> None:
         _stop(self.dockerd)

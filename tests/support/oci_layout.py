@@ -7,6 +7,7 @@
 - :func:`write_oci_layout` writes an OCI image layout (``oci-layout``, ``index.json``,
   ``blobs/sha256/...``) that ``skopeo copy oci:DIR:TAG ...`` or ``podman pull oci:DIR:TAG``
   read; :func:`read_oci_layout` reads one back (e.g. after ``skopeo copy ... oci:DIR:TAG``).
+- :func:`write_oci_archive` writes the same layout as a single tar file.
 - :func:`write_docker_archive` writes a ``docker save``-style tarball for ``docker load``.
 
 Layer contents come from ``os.urandom``, so every image built is unique: its blobs are
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +232,16 @@ def write_oci_layout(path: Path, tags: Mapping[str, Image | Index]) -> Path:
     (path / "index.json").write_text(
         json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
     )
+    return path
+
+
+def write_oci_archive(path: Path, tags: Mapping[str, Image | Index]) -> Path:
+    """The same OCI image layout as one tar file (``oci-archive:``, ``ctr images import``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = write_oci_layout(Path(tmp), tags)
+        with tarfile.open(path, mode="w") as tar:
+            for member in sorted(layout.rglob("*")):
+                tar.add(member, arcname=str(member.relative_to(layout)), recursive=False)
     return path
 
 
