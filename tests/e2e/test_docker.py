@@ -27,6 +27,7 @@ from tests.support.servers import RegistryProcess
 
 pytestmark = pytest.mark.e2e
 
+CTR_CONTENT_READ_FLAKE = "failed to copy: rpc error: code = Internal desc = unexpected EOF"
 PUSHED = re.compile(r"(\S+): digest: (sha256:[0-9a-f]{64}) size: (\d+)")
 
 
@@ -162,7 +163,13 @@ def test_containerd_ctr_push_pull_all_platforms(
     )
     repo = repo_name()
     remote = f"{registry.host}/{repo}:multi"
-    ctr(namespace, "images", "push", "--plain-http", remote, local)
+    for _attempt in range(3):
+        pushed = ctr(namespace, "images", "push", "--plain-http", remote, local, check=False)
+        # ctr 1.6 now and then fails mid-push reading its *own* content store over gRPC
+        # (containerd/containerd#5734; about 1 push in 20 here, against Distribution too): retry that only.
+        if pushed.returncode == 0 or CTR_CONTENT_READ_FLAKE not in pushed.stderr:
+            break
+    assert pushed.returncode == 0, f"ctr images push failed:\n{pushed.stdout[-3000:]}\n{pushed.stderr}"
 
     response = get_manifest(registry.url, repo, "multi")
     assert response.status_code == 200, describe(response)
