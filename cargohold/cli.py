@@ -74,6 +74,8 @@ def _serve_granian(settings) -> None:  # type: ignore[no-untyped-def]
         interface=Interfaces.ASGI,
         workers=settings.workers,
         factory=True,
+        respawn_failed_workers=True,
+        workers_kill_timeout=settings.shutdown_timeout_seconds,
         log_access=False,
         log_level=settings.log_level,
     ).serve()
@@ -88,6 +90,7 @@ def _serve_uvicorn(settings) -> None:  # type: ignore[no-untyped-def]
         port=settings.port,
         workers=settings.workers,
         factory=True,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
         access_log=False,
         log_level=settings.log_level,
     )

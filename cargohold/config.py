@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     # Worker processes sharing the SQLite file; by default one per CPU (at most 8).
     workers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 8), ge=1, le=64)
     server: Literal["granian", "uvicorn"] = "granian"
+    # How long in-flight requests may run on after SIGTERM before workers are killed.
+    shutdown_timeout_seconds: int = Field(30, ge=1, le=3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "logfmt"] = "json"
     delete_enabled: bool = True
