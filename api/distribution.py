@@ -123,17 +123,21 @@ class DistributionAPI:
             "ETag": f'"{reader.digest}"',
             "Cache-Control": "max-age=31536000, immutable",
         }
+        if reader.redirect_url is not None:
+            return Response(status_code=307, headers={**headers, "Location": reader.redirect_url})
         byte_range = parse_range(request.headers.get("range"), reader.size)
         if byte_range is None:
             if reader.local_path is not None:
                 return _LocalFileResponse(reader.local_path, headers, reader.size)
             headers["Content-Length"] = str(reader.size)
-            return StreamingResponse(reader.read(), headers=headers, media_type="application/octet-stream")
+            body = await run_in_threadpool(reader.read)
+            return StreamingResponse(body, headers=headers, media_type="application/octet-stream")
         start, end = byte_range
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{reader.size}"
         headers["Content-Length"] = str(end - start)
+        body = await run_in_threadpool(reader.read, start, end)
         return StreamingResponse(
-            reader.read(start, end), status_code=206, headers=headers, media_type="application/octet-stream"
+            body, status_code=206, headers=headers, media_type="application/octet-stream"
         )
 
     async def delete_blob(self, request: Request, p: dict[str, str]) -> Response:

@@ -6,6 +6,7 @@ from cargohold.backends.base import (
     LocalPaths,
     ObjectInfo,
     ObjectNotFound,
+    PresignedURLs,
     StagedBusy,
     StagedWriter,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "LocalPaths",
     "ObjectInfo",
     "ObjectNotFound",
+    "PresignedURLs",
     "StagedBusy",
     "StagedWriter",
 ]

@@ -11,8 +11,10 @@ Verbs and their promises:
     the new one is complete, never a prefix. ``metadata`` (small str→str) travels
     with the object so a bucket can be audited without the database. Returns the size.
 ``read(key, start, end)``
-    Stream bytes ``[start, end)`` (``end=None``: to the end). Raises ``ObjectNotFound``.
-    Never reads the whole object into memory.
+    Stream bytes ``[start, end)`` (``end=None``: to the end). The object is opened
+    *eagerly*: ``ObjectNotFound`` or ``BackendError`` is raised by the call itself, not
+    by the first ``next()``, so the registry can still answer 404/503 before it starts a
+    response. Never reads the whole object into memory.
 ``stat(key)``
     Size and modification time, or ``ObjectNotFound``.
 ``delete(key)`` / ``delete_many(keys)``
@@ -23,22 +25,45 @@ Verbs and their promises:
     internally by the backend.
 
 Staged uploads (chunked pushes) live beside the objects and become an object only
-on ``StagedWriter.commit``. A staged upload is addressed by an id; it may be
-reopened by any process. ``open_staged`` returns a context manager that holds an
-*exclusive* claim on the staged upload for as long as it is open (two requests for
-the same upload never interleave their bytes), and raises ``StagedBusy`` when another
-writer holds it.
+on ``StagedWriter.commit``. A staged upload is addressed by an id and may be reopened
+by any process (or node). The engine opens a staged upload only while it holds that
+upload's lease, so writers normally never overlap; a backend still keeps its staged
+state so that an overlap cannot go unnoticed (the filesystem takes an ``flock`` and
+raises ``StagedBusy``; object stores record their parts and commit that record with a
+compare-and-swap). What ``flush`` returned is what ``commit`` assembles: bytes past the
+last flush may be lost in a crash, and ``truncate`` drops anything past the size the
+engine acknowledged.
 
-Optional capabilities are separate Protocols (``LocalPaths``).
+Errors: every failure of the store (unreachable, throttled after retries, timed out)
+is a ``BackendError``; a backend maps its SDK's exceptions to these in one place.
+
+Optional capabilities are separate Protocols (``LocalPaths``, ``PresignedURLs``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
+_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def check_key(key: str) -> str:
+    """Every backend accepts exactly these keys: no empty, ``.`` or ``..`` segments, no odd bytes."""
+    if len(key) > 1024 or not _KEY.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+def check_upload_id(upload_id: str) -> str:
+    if not _UPLOAD_ID.fullmatch(upload_id) or upload_id in (".", ".."):
+        raise ValueError(f"invalid upload id {upload_id!r}")
+    return upload_id
 
 
 class BackendError(Exception):
@@ -120,6 +145,13 @@ class Backend(Protocol):
     def check(self) -> None:
         """Raise ``BackendError`` if the store cannot be reached (readiness probes)."""
         ...
+
+
+@runtime_checkable
+class PresignedURLs(Protocol):
+    """Capability: a short-lived URL from which a client may GET the object directly."""
+
+    def presigned_url(self, key: str, expires_seconds: int) -> str: ...
 
 
 @runtime_checkable

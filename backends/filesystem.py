@@ -18,16 +18,20 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-from cargohold.backends.base import BackendError, ObjectInfo, ObjectNotFound, StagedBusy
+from cargohold.backends.base import (
+    BackendError,
+    ObjectInfo,
+    ObjectNotFound,
+    StagedBusy,
+    check_key,
+    check_upload_id,
+)
 
 READ_CHUNK = 1024 * 1024
-_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
-_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 XATTR_PREFIX = "user.cargohold."
 
 
@@ -122,21 +126,17 @@ class FilesystemBackend:
 
     # -- paths -------------------------------------------------------------------------
     def _object_path(self, key: str) -> Path:
-        if not _KEY.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):
-            raise ValueError(f"invalid object key {key!r}")
-        return self._objects / key
+        return self._objects / check_key(key)
 
     def _staging_path(self, upload_id: str) -> Path:
-        if not _UPLOAD_ID.fullmatch(upload_id) or upload_id in (".", ".."):
-            raise ValueError(f"invalid upload id {upload_id!r}")
-        return self._staging / upload_id
+        return self._staging / check_upload_id(upload_id)
 
     def local_path(self, key: str) -> Path:
         return self._object_path(key)
 
     # -- objects -----------------------------------------------------------------------
     def put(self, key: str, chunks: Iterable[bytes], metadata: Mapping[str, str] | None = None) -> int:
-        temp_id = f".put-{uuid.uuid4().hex}"
+        temp_id = f"put-{uuid.uuid4().hex}"
         self.create_staged(temp_id)
         try:
             with self.open_staged(temp_id) as writer:
@@ -194,7 +194,10 @@ class FilesystemBackend:
 
     # -- staged uploads ----------------------------------------------------------------
     def create_staged(self, upload_id: str) -> None:
-        fd = os.open(self._staging_path(upload_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            fd = os.open(self._staging_path(upload_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except OSError as exc:
+            raise BackendError(f"cannot create a staged upload under {self.root}: {exc}") from exc
         os.close(fd)
 
     @contextlib.contextmanager

@@ -47,15 +47,15 @@ def serve(address: str | None, data_dir: Path | None, workers: int | None, serve
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.environ["CARGOHOLD_DATA_DIR"] = str(settings.data_dir.absolute())
+    from cargohold.runtime import describe_backend, open_registry
+
     click.echo(
         f"cargohold {__version__} on http://{settings.address} "
-        f"(storage: {settings.storage.backend} at {settings.blob_root.absolute()}, "
-        f"metadata: {settings.metadata_path.absolute()}, {settings.workers} worker(s), {settings.server})",
+        f"(storage: {describe_backend(settings)}, metadata: {settings.metadata_path.absolute()}, "
+        f"{settings.workers} worker(s), {settings.server})",
         err=True,
     )
     # Create the schema once before the workers start (they would race harmlessly anyway).
-    from cargohold.runtime import open_registry
-
     open_registry(settings).store.close()
     if settings.server == "granian":
         _serve_granian(settings)

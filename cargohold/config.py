@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "CARGOHOLD_CONFIG"
@@ -28,9 +28,71 @@ class FilesystemStorage(BaseModel):
     root: Path | None = None
 
 
+MiB = 1024 * 1024
+
+
+class S3Storage(BaseModel):
+    """Any S3-compatible store. Credentials default to boto3's own chain (env, profile, role)."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    path_style: bool = False
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    storage_class: str | None = None
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = None
+    sse_kms_key_id: str | None = None
+    part_size: int = Field(16 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=20)
+
+
+class GCSStorage(BaseModel):
+    """Google Cloud Storage. ``STORAGE_EMULATOR_HOST`` is honoured (emulators: anonymous)."""
+
+    bucket: str
+    prefix: str = ""
+    project: str | None = None
+    credentials_file: Path | None = None
+    anonymous: bool = False
+    chunk_size: int = Field(16 * MiB, ge=256 * 1024)
+    timeout: float = Field(60.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=20)
+
+
+class AzureStorage(BaseModel):
+    """Azure Blob Storage, by connection string (or ``AZURE_STORAGE_CONNECTION_STRING``) or URL."""
+
+    container: str
+    prefix: str = ""
+    connection_string: str | None = None
+    account_url: str | None = None
+    account_key: str | None = None
+    block_size: int = Field(16 * MiB, ge=1 * MiB, le=4000 * MiB)
+    timeout: float = Field(60.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=20)
+
+
 class StorageSettings(BaseModel):
-    backend: Literal["filesystem"] = "filesystem"
+    backend: Literal["filesystem", "s3", "gcs", "azure"] = "filesystem"
     filesystem: FilesystemStorage = FilesystemStorage()
+    s3: S3Storage | None = None
+    gcs: GCSStorage | None = None
+    azure: AzureStorage | None = None
+    # Answer blob GETs with a 307 to a short-lived signed URL (cloud backends that can sign).
+    redirect_pulls: bool = False
+    redirect_expiry_seconds: int = Field(1200, ge=30, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _backend_is_configured(self) -> StorageSettings:
+        if self.backend != "filesystem" and getattr(self, self.backend) is None:
+            raise ValueError(
+                f"storage.backend is {self.backend!r} but the storage.{self.backend} section is missing"
+            )
+        return self
 
 
 class UploadSettings(BaseModel):

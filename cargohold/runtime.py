@@ -8,9 +8,37 @@ from cargohold.engine import MetadataStore, Registry, RegistryLimits
 
 
 def open_backend(settings: Settings) -> Backend:
-    if settings.storage.backend == "filesystem":
-        return FilesystemBackend(settings.blob_root)
-    raise ValueError(f"unknown storage backend {settings.storage.backend!r}")
+    """The configured backend; cloud SDKs are imported only when their backend is chosen."""
+    storage = settings.storage
+    if storage.backend == "s3" and storage.s3 is not None:
+        from cargohold.backends.s3 import S3Backend
+
+        return S3Backend(**storage.s3.model_dump())
+    if storage.backend == "gcs" and storage.gcs is not None:
+        from cargohold.backends.gcs import GCSBackend
+
+        return GCSBackend(**storage.gcs.model_dump())
+    if storage.backend == "azure" and storage.azure is not None:
+        from cargohold.backends.azure import AzureBackend
+
+        return AzureBackend(**storage.azure.model_dump())
+    return FilesystemBackend(settings.blob_root)
+
+
+def describe_backend(settings: Settings) -> str:
+    """One line for the start-up banner: which store this registry runs on."""
+    storage = settings.storage
+    if storage.backend == "s3" and storage.s3 is not None:
+        where = f"s3://{storage.s3.bucket}/{storage.s3.prefix}" + (
+            f" at {storage.s3.endpoint_url}" if storage.s3.endpoint_url else ""
+        )
+    elif storage.backend == "gcs" and storage.gcs is not None:
+        where = f"gs://{storage.gcs.bucket}/{storage.gcs.prefix}"
+    elif storage.backend == "azure" and storage.azure is not None:
+        where = f"azure container {storage.azure.container}/{storage.azure.prefix}"
+    else:
+        where = str(settings.blob_root.absolute())
+    return f"{storage.backend} ({where})"
 
 
 def open_registry(settings: Settings) -> Registry:
@@ -19,6 +47,8 @@ def open_registry(settings: Settings) -> Registry:
         upload_expiry_seconds=settings.uploads.expiry_hours * 3600,
         manifest_max_bytes=settings.limits.manifest_max_bytes,
         delete_enabled=settings.delete_enabled,
+        redirect_pulls=settings.storage.redirect_pulls,
+        redirect_expiry_seconds=settings.storage.redirect_expiry_seconds,
     )
     return Registry(MetadataStore(settings.metadata_path), open_backend(settings), limits)
 

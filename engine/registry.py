@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cargohold.backends.base import Backend, BackendError, LocalPaths, ObjectNotFound, StagedBusy
+from cargohold.backends.base import (
+    Backend,
+    BackendError,
+    LocalPaths,
+    ObjectNotFound,
+    PresignedURLs,
+    StagedBusy,
+)
 from cargohold.engine import layout
 from cargohold.engine.activity import ActivityRecorder
 from cargohold.engine.digests import check_algorithm, digest_bytes, is_digest, parse_digest
@@ -54,6 +61,9 @@ class RegistryLimits:
     upload_expiry_seconds: float = 24 * 3600
     manifest_max_bytes: int = 4 * 1024 * 1024
     delete_enabled: bool = True
+    # Answer blob GETs with a redirect to a presigned URL, where the backend can sign.
+    redirect_pulls: bool = False
+    redirect_expiry_seconds: int = 1200
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +81,17 @@ class BlobInfo:
 
 @dataclass(frozen=True, slots=True)
 class BlobReader:
-    """An open blob: its size, a streaming reader, and a local path when sendfile can serve it."""
+    """An open blob: its size and a reader; or a local path (sendfile) or a redirect URL.
+
+    ``read`` opens the stored object before it returns, so a missing object or an
+    unreachable store is an error the caller can still answer with a status code.
+    """
 
     digest: str
     size: int
     local_path: Path | None
     _read: Callable[[int, int | None], Iterator[bytes]]
+    redirect_url: str | None = None
 
     def read(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         return self._read(start, end)
@@ -111,6 +126,9 @@ class Registry:
         self.activity = ActivityRecorder(store)
         self._hashes = HashStates()
         self._local_paths = backend if isinstance(backend, LocalPaths) else None
+        self._presigner = (
+            backend if isinstance(backend, PresignedURLs) and self.limits.redirect_pulls else None
+        )
 
     # ======================================================================= uploads
     def start_upload(self, repository: str, algorithm: str = "sha256") -> UploadState:
@@ -347,7 +365,12 @@ class Registry:
         if blob is not None:
             key = blob.storage_key
             path = self._local_paths.local_path(key) if self._local_paths is not None else None
-            return BlobReader(digest, blob.size, path, lambda s, e: self._read_object(key, s, e))
+            url = None
+            if self._presigner is not None:
+                url = self._backend_call(
+                    self._presigner.presigned_url, key, self.limits.redirect_expiry_seconds
+                )
+            return BlobReader(digest, blob.size, path, lambda s, e: self._read_object(key, s, e), url)
         # A manifest is content-addressed too; some clients fetch it through the blob route.
         manifest = self.store.manifest(self.store.read(), repository, digest, with_data=True)
         if manifest is not None and manifest.data is not None:
@@ -366,7 +389,7 @@ class Registry:
 
     def _read_object(self, key: str, start: int, end: int | None) -> Iterator[bytes]:
         try:
-            yield from self.backend.read(key, start, end)
+            return self._backend_call(self.backend.read, key, start, end)
         except ObjectNotFound:
             # The row says live but the bytes are gone: never serve a partial or wrong blob.
             log.error("stored object %s is missing", key)
