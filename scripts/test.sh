@@ -17,6 +17,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Azurite (the Azure Blob emulator) comes from npm, into a project-local folder.
+AZURITE_VERSION=3.35.0
+if [ ! -x .tools/node_modules/.bin/azurite-blob ]; then
+  echo "== npm install azurite@$AZURITE_VERSION"
+  mkdir -p .tools
+  npm install --prefix .tools --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
+fi
+export PATH="$PWD/.tools/node_modules/.bin:$PATH"
+
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
