@@ -24,15 +24,37 @@ Verbs and their promises:
     Every object whose key starts with ``prefix``, in no particular order, paged
     internally by the backend.
 
-Staged uploads (chunked pushes) live beside the objects and become an object only
-on ``StagedWriter.commit``. A staged upload is addressed by an id and may be reopened
-by any process (or node). The engine opens a staged upload only while it holds that
-upload's lease, so writers normally never overlap; a backend still keeps its staged
-state so that an overlap cannot go unnoticed (the filesystem takes an ``flock`` and
-raises ``StagedBusy``; object stores record their parts and commit that record with a
-compare-and-swap). What ``flush`` returned is what ``commit`` assembles: bytes past the
-last flush may be lost in a crash, and ``truncate`` drops anything past the size the
-engine acknowledged.
+Staged uploads (chunked pushes). A staged upload is named by the *final key* of the
+object it will become (the engine picks a fresh key for every upload), so a store
+that can stage in place does so and ``commit`` never copies bytes (an S3 multipart
+upload on the key, Azure blocks staged on the blob, a GCS resumable session).
+
+The backend keeps no bookkeeping of its own about a staged upload: ``create_staged``
+and every ``StagedWriter.flush`` return a small opaque *state token* (a str, at most a
+few KiB: part numbers and ETags, block ids, a session URL, a size) that the engine
+stores in the same transaction that acknowledges the chunk to the client, and hands
+back to ``open_staged``. So what the store holds and what the client was told always
+agree: bytes written after the last acknowledged token (a request that died, or a
+crash between ``flush`` and the engine's commit) are simply not part of the upload,
+and the next writer overwrites or ignores them. A staged upload can be reopened by any
+process or node, in any order of requests.
+
+``create_staged(key) -> token``
+    Start an empty staged upload that will become ``key``.
+``open_staged(key, token)``
+    A context manager yielding a ``StagedWriter`` positioned at the end of the bytes
+    the token describes. Writers of one upload must not overlap; the engine serialises
+    them, and a backend detects what it cheaply can (the filesystem takes an ``flock``
+    and raises ``StagedBusy``; S3 refuses to complete parts whose ETags changed).
+``abort_staged(key)``
+    Remove everything of the staged upload (idempotent; works without the token, so
+    leftovers found by ``list_staged`` can be cleaned up after a crash).
+``list_staged()``
+    Every staged upload still present (``ObjectInfo.key`` is its final key), so that
+    uploads whose session is gone can be aborted.
+``StagedWriter.commit(metadata)``
+    Turn the staged bytes up to the last ``flush`` into the object atomically: it
+    appears whole, with ``metadata``, or not at all. Call only after ``flush``.
 
 Errors: every failure of the store (unreachable, throttled after retries, timed out)
 is a ``BackendError``; a backend maps its SDK's exceptions to these in one place.
@@ -50,7 +72,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 _KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
-_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def check_key(key: str) -> str:
@@ -58,12 +79,6 @@ def check_key(key: str) -> str:
     if len(key) > 1024 or not _KEY.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):
         raise ValueError(f"invalid object key {key!r}")
     return key
-
-
-def check_upload_id(upload_id: str) -> str:
-    if not _UPLOAD_ID.fullmatch(upload_id) or upload_id in (".", ".."):
-        raise ValueError(f"invalid upload id {upload_id!r}")
-    return upload_id
 
 
 class BackendError(Exception):
@@ -86,27 +101,23 @@ class ObjectInfo:
 
 
 class StagedWriter(Protocol):
-    """An open, exclusively held staged upload."""
+    """An open staged upload, positioned at the end of the bytes its token describes."""
 
     @property
     def size(self) -> int:
-        """Bytes physically staged now (may exceed what the engine acknowledged after a crash)."""
-        ...
-
-    def truncate(self, size: int) -> None:
-        """Drop staged bytes past ``size`` (unacknowledged leftovers of a crashed request)."""
+        """Bytes in the upload so far: the token's bytes plus what was written since."""
         ...
 
     def write(self, data: bytes) -> None:
-        """Append ``data`` at the current end."""
+        """Append ``data`` (the backend buffers up to its part size, never unboundedly)."""
         ...
 
-    def flush(self) -> None:
-        """Make what was written durable (it survives a crash of this process or machine)."""
+    def flush(self) -> str:
+        """Make everything written durable and return the token that describes it."""
         ...
 
-    def commit(self, key: str, metadata: Mapping[str, str]) -> None:
-        """Turn the staged bytes into the object ``key`` atomically and end the staged upload."""
+    def commit(self, metadata: Mapping[str, str]) -> None:
+        """Make the flushed bytes the object at the upload's key, atomically."""
         ...
 
 
@@ -126,21 +137,13 @@ class Backend(Protocol):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
 
-    def create_staged(self, upload_id: str) -> None:
-        """Create an empty staged upload."""
-        ...
+    def create_staged(self, key: str) -> str: ...
 
-    def open_staged(self, upload_id: str) -> AbstractContextManager[StagedWriter]: ...
+    def open_staged(self, key: str, token: str) -> AbstractContextManager[StagedWriter]: ...
 
-    def read_staged(self, upload_id: str, start: int = 0, end: int | None = None) -> Iterator[bytes]: ...
+    def abort_staged(self, key: str) -> None: ...
 
-    def abort_staged(self, upload_id: str) -> None:
-        """Remove a staged upload and its bytes; idempotent."""
-        ...
-
-    def list_staged(self) -> Iterator[ObjectInfo]:
-        """Every staged upload (``key`` is the upload id), for cleaning up after crashes."""
-        ...
+    def list_staged(self) -> Iterator[ObjectInfo]: ...
 
     def check(self) -> None:
         """Raise ``BackendError`` if the store cannot be reached (readiness probes)."""

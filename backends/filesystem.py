@@ -4,10 +4,12 @@ On-disk layout under ``root``::
 
     root/
       objects/<key>          committed objects; keys are chosen by the engine
-      staging/<upload-id>    staged uploads (chunked pushes) and temporary files of put()
+      staging/<key, / as +>  staged uploads (chunked pushes) and temporary files of put()
 
 Every object is written to ``staging/`` first, fsynced, then renamed into place, so a
 reader never sees a partial object and a crash leaves at most a stray staging file.
+A staged upload's token is its acknowledged size: reopening truncates anything past
+it (the tail of a request that died before the engine acknowledged it).
 Object metadata (the digest, so the tree can be audited without the database) is kept
 in ``user.cargohold.*`` extended attributes where the filesystem supports them.
 """
@@ -28,7 +30,6 @@ from cargohold.backends.base import (
     ObjectNotFound,
     StagedBusy,
     check_key,
-    check_upload_id,
 )
 
 READ_CHUNK = 1024 * 1024
@@ -73,22 +74,16 @@ def _read_file(path: Path, start: int, end: int | None) -> Iterator[bytes]:
 class _FileStagedWriter:
     """An exclusively locked staging file (``flock``; released by the kernel if we crash)."""
 
-    def __init__(self, backend: FilesystemBackend, path: Path, fd: int) -> None:
+    def __init__(self, backend: FilesystemBackend, key: str, path: Path, fd: int, size: int) -> None:
         self._backend = backend
+        self._key = key
         self._path = path
         self._fd = fd
-        self._size = os.fstat(fd).st_size
-        self._dirty = False
+        self._size = size
 
     @property
     def size(self) -> int:
         return self._size
-
-    def truncate(self, size: int) -> None:
-        if size < self._size:
-            os.ftruncate(self._fd, size)
-            self._size = size
-            self._dirty = True
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -96,20 +91,14 @@ class _FileStagedWriter:
             written = os.pwrite(self._fd, view, self._size)
             self._size += written
             view = view[written:]
-        self._dirty = True
 
-    def flush(self) -> None:
-        if self._dirty:
-            os.fsync(self._fd)
-            self._dirty = False
+    def flush(self) -> str:
+        os.fsync(self._fd)
+        return str(self._size)
 
-    def commit(self, key: str, metadata: Mapping[str, str]) -> None:
-        self.flush()
-        target = self._backend._object_path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _set_metadata(self._path, metadata)
-        os.rename(self._path, target)
-        _fsync_dir(target.parent)
+    def commit(self, metadata: Mapping[str, str]) -> None:
+        os.ftruncate(self._fd, self._size)  # nothing past the last write
+        self._backend._install(self._path, self._key, metadata)
 
 
 class FilesystemBackend:
@@ -128,26 +117,39 @@ class FilesystemBackend:
     def _object_path(self, key: str) -> Path:
         return self._objects / check_key(key)
 
-    def _staging_path(self, upload_id: str) -> Path:
-        return self._staging / check_upload_id(upload_id)
+    def _staging_path(self, key: str) -> Path:
+        return self._staging / check_key(key).replace("/", "+")
 
     def local_path(self, key: str) -> Path:
         return self._object_path(key)
 
     # -- objects -----------------------------------------------------------------------
     def put(self, key: str, chunks: Iterable[bytes], metadata: Mapping[str, str] | None = None) -> int:
-        temp_id = f"put-{uuid.uuid4().hex}"
-        self.create_staged(temp_id)
+        self._object_path(key)  # refuse a bad key before writing anything
+        temp = self._staging_path(f"tmp/put-{uuid.uuid4().hex}")
         try:
-            with self.open_staged(temp_id) as writer:
+            with open(temp, "xb") as handle:
                 for chunk in chunks:
-                    writer.write(chunk)
-                size = writer.size
-                writer.commit(key, metadata or {})
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+                size = handle.tell()
+            self._install(temp, key, metadata or {})
             return size
-        except BaseException:
-            self.abort_staged(temp_id)
+        except BaseException as exc:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            if isinstance(exc, OSError):
+                raise BackendError(f"cannot write {key}: {exc}") from exc
             raise
+
+    def _install(self, path: Path, key: str, metadata: Mapping[str, str]) -> None:
+        """Rename a complete, fsynced file into place as ``key`` and make the rename durable."""
+        target = self._object_path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _set_metadata(path, metadata)
+        os.rename(path, target)
+        _fsync_dir(target.parent)
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         path = self._object_path(key)
@@ -193,38 +195,40 @@ class FilesystemBackend:
                 yield ObjectInfo(key, st.st_size, st.st_mtime)
 
     # -- staged uploads ----------------------------------------------------------------
-    def create_staged(self, upload_id: str) -> None:
+    def create_staged(self, key: str) -> str:
         try:
-            fd = os.open(self._staging_path(upload_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(self._staging_path(key), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except OSError as exc:
             raise BackendError(f"cannot create a staged upload under {self.root}: {exc}") from exc
         os.close(fd)
+        return "0"
 
     @contextlib.contextmanager
-    def open_staged(self, upload_id: str) -> Iterator[_FileStagedWriter]:
-        path = self._staging_path(upload_id)
+    def open_staged(self, key: str, token: str) -> Iterator[_FileStagedWriter]:
+        path = self._staging_path(key)
+        acknowledged = int(token)
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
-            raise ObjectNotFound(upload_id) from None
+            raise ObjectNotFound(key) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StagedBusy(upload_id) from None
+                raise StagedBusy(key) from None
             # The file may have been committed or aborted between open() and flock().
             if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
-                raise ObjectNotFound(upload_id)
-            yield _FileStagedWriter(self, path, fd)
+                raise ObjectNotFound(key)
+            if os.fstat(fd).st_size < acknowledged:
+                raise BackendError(f"staged upload {key} lost acknowledged bytes")
+            os.ftruncate(fd, acknowledged)  # drop what a dead request wrote past the ack
+            yield _FileStagedWriter(self, key, path, fd, acknowledged)
         finally:
             os.close(fd)
 
-    def read_staged(self, upload_id: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        return _read_file(self._staging_path(upload_id), start, end)
-
-    def abort_staged(self, upload_id: str) -> None:
+    def abort_staged(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self._staging_path(upload_id).unlink()
+            self._staging_path(key).unlink()
 
     def list_staged(self) -> Iterator[ObjectInfo]:
         with os.scandir(self._staging) as entries:
@@ -233,7 +237,7 @@ class FilesystemBackend:
                     st = entry.stat()
                 except FileNotFoundError:
                     continue
-                yield ObjectInfo(entry.name, st.st_size, st.st_mtime)
+                yield ObjectInfo(entry.name.replace("+", "/"), st.st_size, st.st_mtime)
 
     def check(self) -> None:
         if not (self._objects.is_dir() and os.access(self._staging, os.W_OK)):

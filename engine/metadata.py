@@ -43,6 +43,9 @@ class UploadRow:
     algorithm: str
     size: int
     expires_at: float
+    storage_key: str
+    staged_state: str
+    hash_state: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,45 +238,65 @@ class MetadataStore:
 
     # -- upload sessions ---------------------------------------------------------------
     def create_upload(
-        self, conn: Conn, upload_id: str, repository_id: int, algorithm: str, now: float, expires_at: float
+        self,
+        conn: Conn,
+        upload_id: str,
+        repository_id: int,
+        algorithm: str,
+        storage_key: str,
+        staged_state: str,
+        now: float,
+        expires_at: float,
     ) -> None:
         conn.execute(
-            "INSERT INTO uploads (id, repository_id, algorithm, size, created_at, updated_at, expires_at) "
-            "VALUES (?, ?, ?, 0, ?, ?, ?)",
-            (upload_id, repository_id, algorithm, now, now, expires_at),
+            "INSERT INTO uploads (id, repository_id, algorithm, size, storage_key, staged_state, "
+            "created_at, updated_at, expires_at) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?)",
+            (upload_id, repository_id, algorithm, storage_key, staged_state, now, now, expires_at),
         )
 
     def upload(self, conn: Conn, upload_id: str) -> UploadRow | None:
         row = conn.execute(
-            "SELECT u.id, r.name, u.repository_id, u.algorithm, u.size, u.expires_at "
+            "SELECT u.id, r.name, u.repository_id, u.algorithm, u.size, u.expires_at, "
+            "u.storage_key, u.staged_state, u.hash_state "
             "FROM uploads u JOIN repositories r ON r.id = u.repository_id WHERE u.id = ?",
             (upload_id,),
         ).fetchone()
         return UploadRow(*row) if row else None
 
     def advance_upload(
-        self, conn: Conn, upload_id: str, old_size: int, new_size: int, now: float, expires_at: float
+        self,
+        conn: Conn,
+        row: UploadRow,
+        new_size: int,
+        staged_state: str,
+        hash_state: bytes,
+        now: float,
+        expires_at: float,
     ) -> bool:
-        """Compare-and-set the acknowledged size; False if another request moved it."""
+        """Acknowledge a chunk: compare-and-set on the size; False if another request moved it."""
         cur = conn.execute(
-            "UPDATE uploads SET size = ?, updated_at = ?, expires_at = ? WHERE id = ? AND size = ?",
-            (new_size, now, expires_at, upload_id, old_size),
+            "UPDATE uploads SET size = ?, staged_state = ?, hash_state = ?, updated_at = ?, expires_at = ? "
+            "WHERE id = ? AND size = ? AND staged_state = ?",
+            (new_size, staged_state, hash_state, now, expires_at, row.id, row.size, row.staged_state),
         )
         return cur.rowcount == 1
 
     def delete_upload(self, conn: Conn, upload_id: str) -> bool:
         return conn.execute("DELETE FROM uploads WHERE id = ?", (upload_id,)).rowcount == 1
 
-    def expired_uploads(self, conn: Conn, now: float, limit: int = 1000) -> list[str]:
-        rows = conn.execute("SELECT id FROM uploads WHERE expires_at < ? LIMIT ?", (now, limit))
-        return [row[0] for row in rows]
+    def expired_uploads(self, conn: Conn, now: float, limit: int = 1000) -> list[tuple[str, str]]:
+        """(id, storage_key) of sessions past their expiry."""
+        rows = conn.execute("SELECT id, storage_key FROM uploads WHERE expires_at < ? LIMIT ?", (now, limit))
+        return [(row[0], row[1]) for row in rows]
 
-    def upload_ids(self, conn: Conn, ids: Sequence[str]) -> set[str]:
+    def upload_keys(self, conn: Conn, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` belong to an upload session that still exists."""
         found: set[str] = set()
-        for start in range(0, len(ids), 500):
-            part = ids[start : start + 500]
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
             marks = ",".join("?" * len(part))
-            found.update(r[0] for r in conn.execute(f"SELECT id FROM uploads WHERE id IN ({marks})", part))
+            sql = f"SELECT storage_key FROM uploads WHERE storage_key IN ({marks})"
+            found.update(r[0] for r in conn.execute(sql, part))
         return found
 
     # -- manifests ---------------------------------------------------------------------

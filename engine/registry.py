@@ -22,18 +22,14 @@ from typing import Any
 
 from cargohold.backends.base import (
     Backend,
-    BackendError,
     LocalPaths,
     ObjectNotFound,
     PresignedURLs,
-    StagedBusy,
 )
-from cargohold.engine import layout
 from cargohold.engine.activity import ActivityRecorder
-from cargohold.engine.digests import check_algorithm, digest_bytes, is_digest, parse_digest
+from cargohold.engine.digests import digest_bytes, is_digest, parse_digest
 from cargohold.engine.errors import (
     BlobUnknown,
-    BlobUploadUnknown,
     DeletesDisabled,
     DigestInvalid,
     ManifestBlobUnknown,
@@ -41,15 +37,12 @@ from cargohold.engine.errors import (
     ManifestTooLarge,
     ManifestUnknown,
     NameUnknown,
-    RangeInvalid,
-    SizeInvalid,
     StorageUnavailable,
-    UploadBusy,
 )
-from cargohold.engine.hashing import ContentHasher, HashStates, hash_stream
 from cargohold.engine.manifests import parse_manifest
-from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow, UploadRow
+from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow
 from cargohold.engine.names import check_name, check_tag
+from cargohold.engine.uploads import UploadSessions, UploadState, backend_call
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +57,6 @@ class RegistryLimits:
     # Answer blob GETs with a redirect to a presigned URL, where the backend can sign.
     redirect_pulls: bool = False
     redirect_expiry_seconds: int = 1200
-
-
-@dataclass(frozen=True, slots=True)
-class UploadState:
-    id: str
-    repository: str
-    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +110,7 @@ class Registry:
         self.backend = backend
         self.limits = limits or RegistryLimits()
         self.activity = ActivityRecorder(store)
-        self._hashes = HashStates()
+        self.uploads = UploadSessions(store, backend, self.limits.upload_expiry_seconds)
         self._local_paths = backend if isinstance(backend, LocalPaths) else None
         self._presigner = (
             backend if isinstance(backend, PresignedURLs) and self.limits.redirect_pulls else None
@@ -132,21 +118,10 @@ class Registry:
 
     # ======================================================================= uploads
     def start_upload(self, repository: str, algorithm: str = "sha256") -> UploadState:
-        check_name(repository)
-        check_algorithm(algorithm)
-        upload_id = layout.new_copy_id()
-        self._backend_call(self.backend.create_staged, upload_id)
-        now = time.time()
-        with self.store.write() as conn:
-            repo_id = self.store.ensure_repository(conn, repository)
-            self.store.create_upload(
-                conn, upload_id, repo_id, algorithm, now, now + self.limits.upload_expiry_seconds
-            )
-        return UploadState(upload_id, repository, 0)
+        return self.uploads.start(repository, algorithm)
 
     def upload_status(self, repository: str, upload_id: str) -> UploadState:
-        row = self._upload(repository, upload_id)
-        return UploadState(row.id, repository, row.size)
+        return self.uploads.status(repository, upload_id)
 
     def append_upload(
         self,
@@ -157,13 +132,7 @@ class Registry:
         start: int | None = None,
         length: int | None = None,
     ) -> UploadState:
-        """Append a chunk. ``start`` (from Content-Range) must equal the current size."""
-        row = self._upload(repository, upload_id)
-        with self._open_staged(row) as writer:
-            row, hasher, new_size = self._receive(writer, row, chunks, start, length)
-            writer.flush()
-            self._acknowledge(row, new_size, hasher)
-        return UploadState(row.id, repository, new_size)
+        return self.uploads.append(repository, upload_id, chunks, start, length)
 
     def finish_upload(
         self,
@@ -175,23 +144,14 @@ class Registry:
         start: int | None = None,
         length: int | None = None,
     ) -> BlobInfo:
-        """Append the final chunk (if any), verify the digest, and make the blob visible."""
-        expected = parse_digest(digest)
-        row = self._upload(repository, upload_id)
-        with self._open_staged(row) as writer:
-            row, hasher, size = self._receive(writer, row, chunks, start, length)
-            if expected.algorithm != hasher.algorithm:
-                hasher = hash_stream(expected.algorithm, self.backend.read_staged(row.id, 0, size))
-            if hasher.digest != str(expected):
-                self._discard_upload(row.id)
-                raise DigestInvalid(detail={"expected": str(expected), "actual": hasher.digest})
-            self._store_verified(row, writer, str(expected), size, hasher.checksum)
-        self._hashes.drop(row.id)
-        return BlobInfo(str(expected), size)
+        stored = self.uploads.finish(repository, upload_id, digest, chunks, start, length)
+        return BlobInfo(stored.digest, stored.size)
 
     def cancel_upload(self, repository: str, upload_id: str) -> None:
-        row = self._upload(repository, upload_id)
-        self._discard_upload(row.id)
+        self.uploads.cancel(repository, upload_id)
+
+    def expire_uploads(self, now: float | None = None, staged_grace_seconds: float | None = None) -> int:
+        return self.uploads.expire(now, staged_grace_seconds)
 
     def mount_blob(
         self,
@@ -216,135 +176,6 @@ class Registry:
             self.store.link_blob(conn, repo_id, digest, time.time())
         return BlobInfo(digest, blob.size)
 
-    def expire_uploads(self, now: float | None = None, staged_grace_seconds: float | None = None) -> int:
-        """Remove expired sessions and staged bytes no session owns; returns how many went."""
-        now = time.time() if now is None else now
-        removed = 0
-        with self.store.write() as conn:
-            expired = self.store.expired_uploads(conn, now)
-            for upload_id in expired:
-                self.store.delete_upload(conn, upload_id)
-        for upload_id in expired:
-            self._hashes.drop(upload_id)
-            self._backend_call(self.backend.abort_staged, upload_id)
-            removed += 1
-        grace = self.limits.upload_expiry_seconds if staged_grace_seconds is None else staged_grace_seconds
-        stale = [info.key for info in self.backend.list_staged() if info.modified < now - grace]
-        owned = self.store.upload_ids(self.store.read(), stale)
-        for upload_id in stale:
-            if upload_id not in owned:
-                self.backend.abort_staged(upload_id)
-                removed += 1
-        return removed
-
-    # -- upload internals ----------------------------------------------------------
-    def _upload(self, repository: str, upload_id: str) -> UploadRow:
-        check_name(repository)
-        row = self.store.upload(self.store.read(), upload_id)
-        if row is None or row.repository != repository or row.expires_at < time.time():
-            raise BlobUploadUnknown(detail={"uuid": upload_id[:64]})
-        return row
-
-    def _open_staged(self, row: UploadRow) -> _StagedClaim:
-        return _StagedClaim(self.backend, row)
-
-    def _receive(
-        self, writer: Any, row: UploadRow, chunks: Iterable[bytes], start: int | None, length: int | None
-    ) -> tuple[UploadRow, ContentHasher, int]:
-        """Under the claim: resume, check the chunk starts where the upload ends, write it."""
-        row, hasher = self._resume(writer, row)
-        if start is not None and start != row.size:
-            raise RangeInvalid(
-                "chunk does not start where the upload ends", size=row.size, upload_offset=row.size
-            )
-        return row, hasher, self._write_chunks(writer, hasher, chunks, row.size, length)
-
-    def _resume(self, writer: Any, row: UploadRow) -> tuple[UploadRow, ContentHasher]:
-        """Re-read the session under the claim, drop unacknowledged bytes, resume the hash."""
-        fresh = self.store.upload(self.store.read(), row.id)
-        if fresh is None:
-            raise BlobUploadUnknown(detail={"uuid": row.id})
-        if writer.size < fresh.size:
-            # Acknowledged bytes are gone (lost storage): the session cannot be completed.
-            self._discard_upload(fresh.id)
-            raise BlobUploadUnknown("staged bytes of this upload were lost; start again")
-        writer.truncate(fresh.size)
-        hasher = self._hashes.resume(
-            fresh.id, fresh.algorithm, fresh.size, lambda s, e: self.backend.read_staged(fresh.id, s, e)
-        )
-        return fresh, hasher
-
-    def _write_chunks(
-        self, writer: Any, hasher: ContentHasher, chunks: Iterable[bytes], offset: int, length: int | None
-    ) -> int:
-        received = 0
-        for chunk in chunks:
-            if length is not None and received + len(chunk) > length:
-                raise SizeInvalid("request body is longer than its declared length")
-            hasher.update(chunk)
-            writer.write(chunk)
-            received += len(chunk)
-        if length is not None and received != length:
-            raise SizeInvalid(f"expected {length} bytes, received {received}")
-        return offset + received
-
-    def _acknowledge(self, row: UploadRow, new_size: int, hasher: ContentHasher) -> None:
-        now = time.time()
-        with self.store.write() as conn:
-            moved = self.store.advance_upload(
-                conn, row.id, row.size, new_size, now, now + self.limits.upload_expiry_seconds
-            )
-        if not moved:
-            self._hashes.drop(row.id)
-            raise BlobUploadUnknown("the upload session changed or ended during this request")
-        self._hashes.save(row.id, row.algorithm, new_size, hasher)
-
-    def _store_verified(self, row: UploadRow, writer: Any, digest: str, size: int, checksum: str) -> None:
-        now = time.time()
-        conn = self.store.read()
-        existing = self.store.blob(conn, digest)
-        if existing is not None and existing.state == "live":
-            # Dedup: the digest is already stored; link it and drop our copy.
-            with self.store.write() as tx:
-                if self._link_if_live(tx, row.repository_id, digest, now):
-                    self.store.delete_upload(tx, row.id)
-                    redundant = True
-                else:
-                    redundant = False
-            if redundant:
-                self.backend.abort_staged(row.id)
-                return
-        key = layout.blob_key(row.id)
-        self._backend_call(writer.commit, key, {"digest": digest})
-        with self.store.write() as tx:
-            redundant_key = self.store.store_blob(tx, digest, key, size, checksum, now)
-            self.store.link_blob(tx, row.repository_id, digest, now)
-            self.store.delete_upload(tx, row.id)
-            if redundant_key is not None:
-                self.store.queue_object_deletion(tx, redundant_key, digest, now)
-        if redundant_key is not None:
-            self._delete_doomed([redundant_key])
-
-    def _link_if_live(self, conn: Conn, repository_id: int, digest: str, now: float) -> bool:
-        blob = self.store.blob(conn, digest)
-        if blob is None or blob.state != "live":
-            return False
-        self.store.link_blob(conn, repository_id, digest, now)
-        return True
-
-    def _discard_upload(self, upload_id: str) -> None:
-        with self.store.write() as conn:
-            self.store.delete_upload(conn, upload_id)
-        self._hashes.drop(upload_id)
-        self._backend_call(self.backend.abort_staged, upload_id)
-
-    def _delete_doomed(self, keys: list[str]) -> None:
-        failed = set(self.backend.delete_many(keys))
-        done = [k for k in keys if k not in failed]
-        if done:
-            with self.store.write() as conn:
-                self.store.forget_doomed(conn, done)
-
     # ========================================================================= blobs
     def stat_blob(self, repository: str, digest: str) -> BlobInfo:
         check_name(repository)
@@ -367,9 +198,7 @@ class Registry:
             path = self._local_paths.local_path(key) if self._local_paths is not None else None
             url = None
             if self._presigner is not None:
-                url = self._backend_call(
-                    self._presigner.presigned_url, key, self.limits.redirect_expiry_seconds
-                )
+                url = backend_call(self._presigner.presigned_url, key, self.limits.redirect_expiry_seconds)
             return BlobReader(digest, blob.size, path, lambda s, e: self._read_object(key, s, e), url)
         # A manifest is content-addressed too; some clients fetch it through the blob route.
         manifest = self.store.manifest(self.store.read(), repository, digest, with_data=True)
@@ -389,7 +218,7 @@ class Registry:
 
     def _read_object(self, key: str, start: int, end: int | None) -> Iterator[bytes]:
         try:
-            return self._backend_call(self.backend.read, key, start, end)
+            return backend_call(self.backend.read, key, start, end)
         except ObjectNotFound:
             # The row says live but the bytes are gone: never serve a partial or wrong blob.
             log.error("stored object %s is missing", key)
@@ -527,39 +356,11 @@ class Registry:
     def check(self) -> None:
         """Raise if the metadata store or the backend cannot be reached."""
         self.store.check()
-        self._backend_call(self.backend.check)
+        backend_call(self.backend.check)
 
     def _check_deletes(self) -> None:
         if not self.limits.delete_enabled:
             raise DeletesDisabled()
-
-    def _backend_call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except ObjectNotFound:
-            raise
-        except (BackendError, OSError) as exc:
-            log.exception("backend call %s failed", getattr(fn, "__name__", fn))
-            raise StorageUnavailable(f"storage backend error: {exc}") from exc
-
-
-class _StagedClaim:
-    """The backend's exclusive claim on a staged upload, with its errors translated."""
-
-    def __init__(self, backend: Backend, row: UploadRow) -> None:
-        self._cm = backend.open_staged(row.id)
-        self._row = row
-
-    def __enter__(self) -> Any:
-        try:
-            return self._cm.__enter__()
-        except StagedBusy:
-            raise UploadBusy(size=self._row.size, upload_offset=self._row.size) from None
-        except ObjectNotFound:
-            raise BlobUploadUnknown(detail={"uuid": self._row.id}) from None
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self._cm.__exit__(*exc)
 
 
 def _referrer_descriptor(row: ReferrerRow) -> dict[str, Any]:

@@ -14,7 +14,10 @@
         │        └── manifest_references (repository_id, manifest_digest, target_digest, kind)
         │                    kind 'blob' (config, layers) or 'manifest' (index children)
         ├── tags (repository_id, name, manifest_digest, created_at, updated_at, last_pulled_at)
-        └── uploads (id PK, repository_id, algorithm, size, created_at, updated_at, expires_at)
+        └── uploads (id PK, repository_id, algorithm, size, storage_key, staged_state, hash_state,
+                     created_at, updated_at, expires_at)
+                     size, staged_state (the backend's token) and hash_state (the running digest)
+                     change together, in the transaction that acknowledges a chunk
 
     doomed_objects (storage_key PK, digest, queued_at)   physical copies waiting to be deleted
 
@@ -147,7 +150,16 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v1_initial]
+def _v2_portable_uploads(db: sqlite_utils.Database) -> None:
+    """Uploads remember their final key, the backend's staged-upload token and the hash state."""
+    uploads = db["uploads"]
+    uploads.add_column("storage_key", str)
+    uploads.add_column("staged_state", str)
+    uploads.add_column("hash_state", bytes)
+    uploads.create_index(["storage_key"], unique=True)
+
+
+MIGRATIONS: list[Migration] = [_v1_initial, _v2_portable_uploads]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 
 

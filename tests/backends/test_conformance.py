@@ -125,71 +125,91 @@ def test_delete_is_idempotent(backend: Backend) -> None:
 
 # -- staged uploads ---------------------------------------------------------------------------
 def test_staged_upload_in_many_parts_across_reopens(backend: Backend) -> None:
-    """Each ``with open_staged`` is one PATCH; sizes cross any part-size boundary."""
+    """Each ``with open_staged`` is one PATCH, perhaps in another process; sizes cross any
+    part-size boundary; the token returned by ``flush`` is what the engine stores."""
     sizes = [3 * MiB, 7 * MiB + 5, 1, 12 * MiB, 0, 2 * MiB + 1]
     parts = [os.urandom(size) for size in sizes]
-    backend.create_staged("upload-many")
+    key = "blobs/st/many"
+    token = backend.create_staged(key)
     expected = 0
     for part in parts:
-        with backend.open_staged("upload-many") as writer:
+        with backend.open_staged(key, token) as writer:
             assert writer.size == expected
             writer.write(part[: len(part) // 3])
             writer.write(part[len(part) // 3 :])
-            writer.flush()
+            token = writer.flush()
             expected += len(part)
             assert writer.size == expected
+        assert isinstance(token, str) and len(token) < 64 * 1024
+    assert key in {info.key for info in backend.list_staged()}
+    with pytest.raises(ObjectNotFound):
+        backend.stat(key)  # invisible until committed
     data = b"".join(parts)
-    assert b"".join(backend.read_staged("upload-many", 0, len(data))) == data
-    assert b"".join(backend.read_staged("upload-many", MiB, 9 * MiB)) == data[MiB : 9 * MiB]
-    assert "upload-many" in {info.key for info in backend.list_staged()}
-    with backend.open_staged("upload-many") as writer:
-        writer.commit("blobs/st/many", {"digest": "sha256:" + hashlib.sha256(data).hexdigest()})
-    assert read_all(backend, "blobs/st/many") == data
-    assert "upload-many" not in {info.key for info in backend.list_staged()}
+    with backend.open_staged(key, token) as writer:
+        writer.commit({"digest": "sha256:" + hashlib.sha256(data).hexdigest()})
+    assert read_all(backend, key) == data
+    assert key not in {info.key for info in backend.list_staged()}
 
 
-def test_truncate_drops_unacknowledged_bytes(backend: Backend) -> None:
-    acknowledged, lost, after = os.urandom(6 * MiB + 7), os.urandom(5 * MiB), os.urandom(MiB)
-    backend.create_staged("upload-trunc")
-    with backend.open_staged("upload-trunc") as writer:
+def test_bytes_after_the_acknowledged_token_are_not_part_of_the_upload(backend: Backend) -> None:
+    """A request that wrote and flushed but was never acknowledged (it died, or the engine's
+    commit failed) left bytes behind: reopening with the older token ignores them."""
+    acknowledged, lost, after = os.urandom(6 * MiB + 7), os.urandom(5 * MiB + 1), os.urandom(MiB)
+    key = "blobs/st/trunc"
+    token = backend.create_staged(key)
+    with backend.open_staged(key, token) as writer:
         writer.write(acknowledged)
-        writer.flush()
-    with backend.open_staged("upload-trunc") as writer:  # a request that died before the ack
+        token = writer.flush()
+    with backend.open_staged(key, token) as writer:  # never acknowledged
         writer.write(lost)
         writer.flush()
-    with backend.open_staged("upload-trunc") as writer:
-        assert writer.size >= len(acknowledged)
-        writer.truncate(len(acknowledged))
+    with backend.open_staged(key, token) as writer:
         assert writer.size == len(acknowledged)
         writer.write(after)
-        writer.flush()
-        writer.commit("blobs/st/trunc", {})
-    assert read_all(backend, "blobs/st/trunc") == acknowledged + after
+        final = writer.flush()
+    with backend.open_staged(key, final) as writer:
+        writer.commit({})
+    assert read_all(backend, key) == acknowledged + after
+
+
+def test_unflushed_bytes_are_not_committed(backend: Backend) -> None:
+    key = "blobs/st/unflushed"
+    token = backend.create_staged(key)
+    with backend.open_staged(key, token) as writer:
+        writer.write(b"kept")
+        token = writer.flush()
+        writer.write(b" and a crashed tail")  # never flushed
+    with backend.open_staged(key, token) as writer:
+        writer.commit({})
+    assert read_all(backend, key) == b"kept"
 
 
 def test_empty_staged_upload_commits_an_empty_object(backend: Backend) -> None:
-    backend.create_staged("upload-empty")
-    with backend.open_staged("upload-empty") as writer:
-        writer.commit("blobs/st/empty", {})
-    assert read_all(backend, "blobs/st/empty") == b""
+    key = "blobs/st/empty"
+    token = backend.create_staged(key)
+    with backend.open_staged(key, token) as writer:
+        writer.flush()
+        writer.commit({})
+    assert read_all(backend, key) == b""
 
 
 def test_aborted_staged_upload_is_gone(backend: Backend) -> None:
-    backend.create_staged("upload-abort")
-    with backend.open_staged("upload-abort") as writer:
+    key = "blobs/st/abort"
+    token = backend.create_staged(key)
+    with backend.open_staged(key, token) as writer:
         writer.write(os.urandom(6 * MiB))
-        writer.flush()
-    backend.abort_staged("upload-abort")
-    backend.abort_staged("upload-abort")  # idempotent
-    with pytest.raises(ObjectNotFound), backend.open_staged("upload-abort"):
-        pass
-    assert "upload-abort" not in {info.key for info in backend.list_staged()}
+        token = writer.flush()
+    backend.abort_staged(key)
+    backend.abort_staged(key)  # idempotent
+    assert key not in {info.key for info in backend.list_staged()}
     assert list(backend.list("blobs/")) == []
+    backend.abort_staged("blobs/st/never-started")
 
 
 def test_a_staged_upload_is_invisible_until_committed(backend: Backend) -> None:
-    backend.create_staged("upload-hidden")
-    with backend.open_staged("upload-hidden") as writer:
+    key = "blobs/st/hidden"
+    token = backend.create_staged(key)
+    with backend.open_staged(key, token) as writer:
         writer.write(b"partial")
         writer.flush()
     assert list(backend.list("")) == []
@@ -205,5 +225,5 @@ def test_an_unreachable_store_fails_fast_with_backend_error(unreachable_backend:
     with pytest.raises(BackendError):
         unreachable_backend.read("blobs/x/y")
     with pytest.raises(BackendError):
-        unreachable_backend.create_staged("upload-x")
+        unreachable_backend.create_staged("blobs/x/staged")
     assert time.monotonic() - started < 60, "an unreachable store must not hang a request"

@@ -10,7 +10,7 @@ import pytest
 
 from cargohold.engine import Registry
 from cargohold.engine import errors as e
-from cargohold.engine.layout import BLOB_PREFIX
+from cargohold.engine.layout import BLOB_PREFIX, blob_key
 from tests.engine.conftest import digest_of, image_manifest, make_registry, push_blob, push_image
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -176,7 +176,7 @@ def test_reupload_while_the_old_copy_is_being_deleted(registry: Registry) -> Non
     assert read_all(registry, "r", digest) == data
 
 
-def test_a_second_process_resumes_an_upload_by_rehashing(tmp_path: Path) -> None:
+def test_a_second_process_resumes_an_upload_from_the_stored_hash_state(tmp_path: Path) -> None:
     first = make_registry(tmp_path)
     data = os.urandom(300_000)
     upload = first.start_upload("r")
@@ -186,6 +186,16 @@ def test_a_second_process_resumes_an_upload_by_rehashing(tmp_path: Path) -> None
     first.append_upload("r", upload.id, [data[200_000:]], start=200_000)  # first's state is behind
     info = first.finish_upload("r", upload.id, digest_of(data))
     assert read_all(first, "r", info.digest) == data
+    # The xxh3 scrub checksum cannot travel between processes: left for the scrubber.
+    assert blob_row(first, info.digest)["checksum"] is None
+
+
+def test_an_upload_in_one_process_records_its_scrub_checksum(registry: Registry) -> None:
+    import xxhash
+
+    data = os.urandom(70_000)
+    digest = push_blob(registry, "r", data, parts=4)
+    assert blob_row(registry, digest)["checksum"] == f"xxh3-128:{xxhash.xxh3_128(data).hexdigest()}"
 
 
 def test_unacknowledged_bytes_left_by_a_crash_are_dropped(registry: Registry, tmp_path: Path) -> None:
@@ -193,7 +203,8 @@ def test_unacknowledged_bytes_left_by_a_crash_are_dropped(registry: Registry, tm
     upload = registry.start_upload("r")
     registry.append_upload("r", upload.id, [data[:20_000]])
     # A request that died after writing but before acknowledging leaves garbage behind.
-    with open(tmp_path / "blobs" / "staging" / upload.id, "ab") as staged:
+    staged_file = tmp_path / "blobs" / "staging" / blob_key(upload.id).replace("/", "+")
+    with open(staged_file, "ab") as staged:
         staged.write(b"garbage from a killed request")
     assert registry.upload_status("r", upload.id).size == 20_000
     registry.append_upload("r", upload.id, [data[20_000:]], start=20_000)
@@ -240,14 +251,14 @@ def test_cancel_and_expiry_remove_sessions_and_staged_bytes(tmp_path: Path) -> N
     registry.cancel_upload("r", cancelled.id)
     with pytest.raises(e.BlobUploadUnknown):
         registry.upload_status("r", cancelled.id)
-    registry.backend.create_staged("orphan-from-a-crash")
+    registry.backend.create_staged("blobs/or/orphan-from-a-crash")
     with registry.store.write() as conn:
         conn.execute("UPDATE uploads SET expires_at = 0 WHERE id = ?", (expired.id,))
     with pytest.raises(e.BlobUploadUnknown):
         registry.upload_status("r", expired.id)
     removed = registry.expire_uploads(staged_grace_seconds=-1)
     assert removed == 2
-    assert [s.key for s in registry.backend.list_staged()] == [kept.id]
+    assert [s.key for s in registry.backend.list_staged()] == [blob_key(kept.id)]
     assert registry.upload_status("r", kept.id).size == 0
 
 
