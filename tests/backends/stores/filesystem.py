@@ -22,3 +22,8 @@ def unreachable_backend(request: pytest.FixtureRequest) -> Backend:
 
     shutil.rmtree(tmp_path / "gone")
     return store
+
+
+def store_env(request: pytest.FixtureRequest, endpoint: str | None = None) -> dict[str, str]:
+    """The default: a registry on its own data directory's filesystem store."""
+    return {}
