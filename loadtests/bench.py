@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # also runnable as `python loadtests/bench.py`
 
 from loadtests import loadgen, oci  # noqa: E402
 from loadtests.harness import MIB, Bench, Config, Row, Target, log  # noqa: E402
-from loadtests.rss import PeakRss, tree_rss  # noqa: E402
+from loadtests.rss import PeakMemory, tree_memory  # noqa: E402
 from loadtests.scenarios import BIG_REPO, SCENARIOS  # noqa: E402
 from tests.support.servers import RegistryProcess  # noqa: E402
 
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tag-connections", type=int, default=8, help="connections for the tags list")
     p.add_argument("--time-cap", type=float, default=300.0, help="upper bound in seconds for any client loop")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="env for cargohold")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S", help="wait up to S s for load < 0.5")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--memory-check", action="store_true", help="push+pull one big blob, check peak RSS")
     p.add_argument("--memory-blob-mib", type=int, default=2048, help="blob size for --memory-check")
@@ -149,6 +150,14 @@ def format_table(rows: list[Row], labels: list[str]) -> str:
     return "\n".join(out + (["", "notes:", *notes] if notes else []))
 
 
+def wait_for_idle(limit_s: float, threshold: float = 0.5) -> None:
+    """On a shared 2-core machine, give someone else's test run a bounded chance to finish first."""
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] > threshold and time.monotonic() < deadline:
+        log(f"waiting for the machine to go idle (load {os.getloadavg()[0]:.1f})")
+        time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
+
+
 def run_benchmark(config: Config) -> dict[str, object]:
     started = time.monotonic()
     # Other work on a 2-core machine skews every number: say so rather than hide it.
@@ -192,42 +201,54 @@ def run_benchmark(config: Config) -> dict[str, object]:
 
 
 def memory_check(config: Config, blob_size: int, limit_mib: float) -> tuple[dict[str, object], bool]:
-    """Push (monolithic and chunked) and pull one large blob; compare each phase's peak RSS to the limit.
+    """Push (monolithic, then chunked) and pull a large blob; compare each phase's peak tree RSS to the limit.
 
-    This is the "a 2 GiB blob must not cost the server more than 150 MiB" check: streaming
-    code passes it with a wide margin, and anything buffering a whole body fails it by GiBs.
+    This is the "2 GiB blob with RSS under 150 MiB" check. Streaming code stays near its idle
+    footprint; code that buffers a body grows by the body's size. cargohold runs one worker
+    here unless ``--server-env CARGOHOLD_WORKERS=N`` says otherwise, as in
+    tests/stress/test_memory.py: each extra worker adds its own ~45 MiB of RSS at idle.
     """
     kind = config.targets[0]
-    phases: dict[str, float] = {}
+    env = {"CARGOHOLD_WORKERS": "1", **config.server_env} if kind == "cargohold" else {}
+    phases: dict[str, dict[str, float]] = {}
     blob_path = config.work_dir / "mem.bin"
-    with RegistryProcess(kind=kind, env=config.server_env if kind == "cargohold" else {}) as server:
+    with RegistryProcess(kind=kind, env=env) as server:
         target = Target(kind, server)
-        phases["idle"] = tree_rss(target.pid) / MIB
+        idle = tree_memory(target.pid)
+        phases["idle"] = {"rss_mib": idle.rss / MIB, "pss_mib": idle.pss / MIB}
+        log(f"[memory-check] {kind}: {idle.processes} processes, idle RSS {idle.rss / MIB:.1f} MiB")
         for phase in ("push monolithic", "pull", "push chunked"):
             if phase.startswith("push"):  # each push gets bytes the server has never seen
                 log(f"[memory-check] writing a {blob_size // MIB} MiB random blob")
                 blob = oci.write_random_blob(blob_path, blob_size)
             log(f"[memory-check] {phase} on {kind}")
             start = time.perf_counter()
-            with target.client(timeout=600.0) as client, PeakRss(target.pid) as rss:
+            with target.client(timeout=600.0) as client, PeakMemory(target.pid) as memory:
                 if phase == "push monolithic":
                     oci.push_monolithic(client, BIG_REPO, blob)
                 elif phase == "push chunked":
                     oci.push_chunked(client, BIG_REPO, blob, config.chunk_size)
                 else:
                     oci.pull_blob(target.url, BIG_REPO, blob.digest, verify=True)
-            seconds = time.perf_counter() - start
-            phases[phase] = rss.peak / MIB
-            rate = f"{blob_size / seconds / 1e6:.0f} MB/s" + (
-                " (hashing as it reads)" if phase == "pull" else ""
-            )
-            log(f"  {phase}: {rate}, peak RSS {rss.peak / MIB:.1f} MiB")
-    ok = all(v <= limit_mib for v in phases.values())
-    for phase, mib in phases.items():
-        verdict = "ok" if mib <= limit_mib else "OVER"
-        print(f"{kind} peak RSS ({phase}): {mib:.1f} MiB {verdict} (limit {limit_mib:g})")
+            rate = blob_size / (time.perf_counter() - start) / 1e6
+            phases[phase] = {"rss_mib": memory.peak_rss / MIB, "pss_mib": memory.peak_pss / MIB, "mb_s": rate}
+    ok = all(p["rss_mib"] <= limit_mib for p in phases.values())
+    print(
+        f"{kind} idle: RSS {idle.rss / MIB:.1f} MiB, PSS {idle.pss / MIB:.1f} MiB, {idle.processes} processes"
+    )
+    for phase, p in phases.items():
+        if phase == "idle":
+            continue
+        verdict = "ok" if p["rss_mib"] <= limit_mib else "OVER"
+        client = " (client hashing)" if phase == "pull" else ""
+        print(
+            f"{kind} {phase}: peak RSS {p['rss_mib']:.1f} MiB {verdict} (limit {limit_mib:g}), "
+            f"+{p['rss_mib'] - idle.rss / MIB:.1f} over idle; PSS {p['pss_mib']:.1f} MiB; "
+            f"{p['mb_s']:.0f} MB/s{client}"
+        )
     print(f"memory check {'PASSED' if ok else 'FAILED'} for a {blob_size / MIB / 1024:g} GiB blob")
-    return {"memory_check": {"target": kind, "blob_bytes": blob_size, "peak_rss_mib": phases, "ok": ok}}, ok
+    result = {"target": kind, "env": env, "blob_bytes": blob_size, "limit_mib": limit_mib, "phases": phases}
+    return {"memory_check": {**result, "ok": ok}}, ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="cargohold-bench-"))
     try:
         config = build_config(args, work_dir)
+        wait_for_idle(args.wait_idle)
         if args.memory_check:
             if not args.only:
                 config.targets = ["cargohold"]
