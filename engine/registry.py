@@ -27,6 +27,7 @@ from cargohold.backends.base import (
     PresignedURLs,
 )
 from cargohold.engine.activity import ActivityRecorder
+from cargohold.engine.collection import Collection
 from cargohold.engine.digests import digest_bytes, is_digest, parse_digest
 from cargohold.engine.errors import (
     BlobUnknown,
@@ -39,6 +40,7 @@ from cargohold.engine.errors import (
     NameUnknown,
     StorageUnavailable,
 )
+from cargohold.engine.jobs import JobLedger
 from cargohold.engine.manifests import parse_manifest
 from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow
 from cargohold.engine.names import check_name, check_tag
@@ -111,6 +113,8 @@ class Registry:
         self.limits = limits or RegistryLimits()
         self.activity = ActivityRecorder(store)
         self.uploads = UploadSessions(store, backend, self.limits.upload_expiry_seconds)
+        self.collection = Collection(store, backend)
+        self.jobs = JobLedger(store)
         self._local_paths = backend if isinstance(backend, LocalPaths) else None
         self._presigner = (
             backend if isinstance(backend, PresignedURLs) and self.limits.redirect_pulls else None
@@ -300,9 +304,14 @@ class Registry:
             self.activity.manifest_pulled(repository, row.digest, tag)
         return Manifest(row.digest, row.media_type, row.size, row.data)
 
-    def delete_manifest(self, repository: str, reference: str) -> None:
-        """By digest: the manifest and its tags go. By tag: only the tag goes."""
-        self._check_deletes()
+    def delete_manifest(self, repository: str, reference: str, *, force: bool = False) -> None:
+        """By digest: the manifest and its tags go. By tag: only the tag goes.
+
+        ``force`` is for the registry's own jobs (GC, retention): they delete even where
+        clients may not.
+        """
+        if not force:
+            self._check_deletes()
         check_name(repository)
         by_digest = is_digest(reference)
         if by_digest:

@@ -20,6 +20,8 @@
                      change together, in the transaction that acknowledges a chunk
 
     doomed_objects (storage_key PK, digest, queued_at)   physical copies waiting to be deleted
+    leases (name PK, owner, expires_at)                   one runner of a job across processes/nodes
+    job_runs (id, kind, dry_run, status, started_at, finished_at, summary)   GC/retention reports
 
 Refcounts: ``blobs.manifest_refs`` = rows of manifest_references (kind 'blob') naming the
 digest, in any repository; ``blobs.repo_links`` = rows of repository_blobs. Both change
@@ -159,7 +161,34 @@ def _v2_portable_uploads(db: sqlite_utils.Database) -> None:
     uploads.create_index(["storage_key"], unique=True)
 
 
-MIGRATIONS: list[Migration] = [_v1_initial, _v2_portable_uploads]
+def _v3_collection(db: sqlite_utils.Database) -> None:
+    """What the garbage collector and the schedulers need: key lookups, leases, run reports."""
+    db["blobs"].create_index(["storage_key"])
+    db["blobs"].create_index(["manifest_refs", "touched_at"])
+    db.create_table(
+        "leases",
+        {"name": str, "owner": str, "expires_at": float},
+        pk="name",
+        not_null={"owner", "expires_at"},
+    )
+    db.create_table(
+        "job_runs",
+        {
+            "id": int,
+            "kind": str,
+            "dry_run": int,
+            "status": str,
+            "started_at": float,
+            "finished_at": float,
+            "summary": str,
+        },
+        pk="id",
+        not_null={"kind", "dry_run", "status", "started_at"},
+    )
+    db["job_runs"].create_index(["kind", "started_at"])
+
+
+MIGRATIONS: list[Migration] = [_v1_initial, _v2_portable_uploads, _v3_collection]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 
 

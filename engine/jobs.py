@@ -1,0 +1,60 @@
+"""Leases and run reports for long jobs (GC, retention, replication, scrub).
+
+A lease row in the metadata store decides which process (on which node) runs a job:
+schedulers in every worker fire, and only the one that takes the lease works. A
+lease expires on its own, so a runner that was killed does not block the job forever.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from cargohold.engine.metadata import MetadataStore
+from cargohold.engine.metadata_jobs import JobQueries, JobRun
+
+
+class JobAlreadyRunning(Exception):
+    """Another process holds the job's lease."""
+
+
+class JobLedger:
+    def __init__(self, store: MetadataStore) -> None:
+        self.store = store
+        self.queries = JobQueries(store)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def acquire(self, name: str, ttl: float) -> bool:
+        """Take (or renew) the lease; False while another runner holds it."""
+        with self.store.write() as conn:
+            return self.queries.acquire_lease(conn, name, self.owner, ttl, time.time())
+
+    def release(self, name: str) -> None:
+        with self.store.write() as conn:
+            self.queries.release_lease(conn, name, self.owner)
+
+    @contextmanager
+    def exclusive(self, name: str, ttl: float = 600.0) -> Iterator[None]:
+        """Hold the lease for the block, or raise ``JobAlreadyRunning``."""
+        if not self.acquire(name, ttl):
+            raise JobAlreadyRunning(name)
+        try:
+            yield
+        finally:
+            self.release(name)
+
+    def start_run(self, kind: str, dry_run: bool) -> int:
+        with self.store.write() as conn:
+            return self.queries.start_run(conn, kind, dry_run)
+
+    def finish_run(self, run_id: int, status: str, summary: dict[str, Any]) -> None:
+        with self.store.write() as conn:
+            self.queries.finish_run(conn, run_id, status, summary)
+
+    def runs(self, kind: str | None = None, limit: int = 20) -> list[JobRun]:
+        return self.queries.runs(self.store.read(), kind, limit)

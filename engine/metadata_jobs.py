@@ -1,0 +1,172 @@
+"""SQL for the background jobs: garbage collection, leases and run reports.
+
+Part of the metadata layer (all SQL lives in ``metadata*.py`` and the migrations);
+kept apart from ``metadata.py`` so each file stays about one concept.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cargohold.engine.metadata import Conn, MetadataStore
+
+
+@dataclass(frozen=True, slots=True)
+class CollectibleBlob:
+    digest: str
+    storage_key: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobRun:
+    id: int
+    kind: str
+    dry_run: bool
+    status: str
+    started_at: float
+    finished_at: float | None
+    summary: dict[str, Any]
+
+
+def _marks(items: Sequence[object]) -> str:
+    return ",".join("?" * len(items))
+
+
+class JobQueries:
+    """The statements the GC and the schedulers run, on the registry's metadata store."""
+
+    def __init__(self, store: MetadataStore) -> None:
+        self.store = store
+
+    # -- blobs ----------------------------------------------------------------------------
+    def collectible_blobs(self, conn: Conn, cutoff: float, after: str, limit: int) -> list[CollectibleBlob]:
+        """Live blobs no manifest references and nothing touched since ``cutoff`` (paged)."""
+        rows = conn.execute(
+            "SELECT digest, storage_key, size FROM blobs WHERE state = 'live' AND manifest_refs = 0 "
+            "AND touched_at < ? AND digest > ? ORDER BY digest LIMIT ?",
+            (cutoff, after, limit),
+        )
+        return [CollectibleBlob(*row) for row in rows]
+
+    def tombstone(
+        self, conn: Conn, digests: Sequence[str], cutoff: float, now: float
+    ) -> list[CollectibleBlob]:
+        """Re-check and tombstone, in the caller's write transaction: only blobs that are
+        still unreferenced and idle flip to 'deleting'; their links go and their copies are
+        queued for physical deletion."""
+        if not digests:
+            return []
+        rows = conn.execute(
+            f"UPDATE blobs SET state = 'deleting', repo_links = 0 WHERE digest IN ({_marks(digests)}) "
+            "AND state = 'live' AND manifest_refs = 0 AND touched_at < ? RETURNING digest, storage_key, size",
+            (*digests, cutoff),
+        ).fetchall()
+        doomed = [CollectibleBlob(*row) for row in rows]
+        if doomed:
+            gone = [blob.digest for blob in doomed]
+            conn.execute(f"DELETE FROM repository_blobs WHERE digest IN ({_marks(gone)})", gone)
+            conn.executemany(
+                "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, queued_at) VALUES (?, ?, ?)",
+                ((blob.storage_key, blob.digest, now) for blob in doomed),
+            )
+        return doomed
+
+    def doomed(self, conn: Conn, limit: int) -> list[CollectibleBlob]:
+        """Queued copies, with the size of the blob row that still names them (0 if none)."""
+        rows = conn.execute(
+            "SELECT d.storage_key, COALESCE(d.digest, ''), COALESCE(b.size, 0) FROM doomed_objects d "
+            "LEFT JOIN blobs b ON b.storage_key = d.storage_key ORDER BY d.queued_at LIMIT ?",
+            (limit,),
+        )
+        return [CollectibleBlob(digest, key, size) for key, digest, size in rows]
+
+    def forget_deleted(self, conn: Conn, keys: Sequence[str]) -> None:
+        """The copies are gone: drop their queue entries and the tombstoned rows naming them.
+        A row revived by a re-upload names a new key and is 'live', so it stays."""
+        if not keys:
+            return
+        conn.execute(f"DELETE FROM doomed_objects WHERE storage_key IN ({_marks(keys)})", keys)
+        conn.execute(f"DELETE FROM blobs WHERE state = 'deleting' AND storage_key IN ({_marks(keys)})", keys)
+
+    def known_keys(self, conn: Conn, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` a blob row, a deletion queue entry or an upload session names."""
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            marks = _marks(part)
+            for sql in (
+                f"SELECT storage_key FROM blobs WHERE storage_key IN ({marks})",
+                f"SELECT storage_key FROM doomed_objects WHERE storage_key IN ({marks})",
+                f"SELECT storage_key FROM uploads WHERE storage_key IN ({marks})",
+            ):
+                found.update(row[0] for row in conn.execute(sql, part))
+        return found
+
+    def orphan_referrers(self, conn: Conn, cutoff: float, limit: int) -> list[tuple[str, str]]:
+        """(repository, digest) of untagged manifests whose subject is not in their repository,
+        created before ``cutoff`` (a subject may legitimately be pushed after its referrer)."""
+        rows = conn.execute(
+            "SELECT r.name, m.digest FROM manifests m JOIN repositories r ON r.id = m.repository_id "
+            "WHERE m.subject IS NOT NULL AND m.created_at < ? "
+            "AND NOT EXISTS (SELECT 1 FROM manifests s WHERE s.repository_id = m.repository_id "
+            "AND s.digest = m.subject) "
+            "AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository_id = m.repository_id "
+            "AND t.manifest_digest = m.digest) "
+            "AND NOT EXISTS (SELECT 1 FROM manifest_references x WHERE x.repository_id = m.repository_id "
+            "AND x.target_digest = m.digest AND x.kind = 'manifest') LIMIT ?",
+            (cutoff, limit),
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    def usage(self, conn: Conn) -> dict[str, int]:
+        row = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs WHERE state = 'live'"
+        ).fetchone()
+        return {"blobs": row[0], "bytes": row[1]}
+
+    # -- leases ---------------------------------------------------------------------------
+    def acquire_lease(self, conn: Conn, name: str, owner: str, ttl: float, now: float) -> bool:
+        """Take or renew the lease ``name``; False while someone else holds it."""
+        conn.execute(
+            "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "owner = excluded.owner, expires_at = excluded.expires_at "
+            "WHERE leases.owner = excluded.owner OR leases.expires_at < ?",
+            (name, owner, now + ttl, now),
+        )
+        row = conn.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
+        return row is not None and row[0] == owner
+
+    def release_lease(self, conn: Conn, name: str, owner: str) -> None:
+        conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
+    # -- run reports ----------------------------------------------------------------------
+    def start_run(self, conn: Conn, kind: str, dry_run: bool) -> int:
+        cur = conn.execute(
+            "INSERT INTO job_runs (kind, dry_run, status, started_at) VALUES (?, ?, 'running', ?)",
+            (kind, int(dry_run), time.time()),
+        )
+        return int(cur.lastrowid or 0)
+
+    def finish_run(self, conn: Conn, run_id: int, status: str, summary: dict[str, Any]) -> None:
+        conn.execute(
+            "UPDATE job_runs SET status = ?, finished_at = ?, summary = ? WHERE id = ?",
+            (status, time.time(), json.dumps(summary, separators=(",", ":")), run_id),
+        )
+
+    def runs(self, conn: Conn, kind: str | None, limit: int) -> list[JobRun]:
+        sql = "SELECT id, kind, dry_run, status, started_at, finished_at, summary FROM job_runs"
+        params: list[object] = []
+        if kind is not None:
+            sql += " WHERE kind = ?"
+            params.append(kind)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [
+            JobRun(r[0], r[1], bool(r[2]), r[3], r[4], r[5], json.loads(r[6]) if r[6] else {})
+            for r in conn.execute(sql, params)
+        ]

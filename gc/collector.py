@@ -1,0 +1,140 @@
+"""Online mark-and-sweep garbage collection, driven by the metadata.
+
+No read-only window: pushes, pulls and deletes go on during a run. What may be
+deleted is decided by the engine's ``Collection`` steps (each one transaction that
+re-checks); this module orders them, honours dry runs and writes the run's report.
+
+Order of a run:
+1. purge copies queued by an earlier, interrupted run (resume);
+2. expire stale upload sessions (and staged bytes no session owns);
+3. delete referrers whose subject is gone (optional), which may free more blobs;
+4. mark and sweep blobs, then purge their copies;
+5. find leaked objects (no row names them) by listing the backend, and delete them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cargohold.engine import Registry
+from cargohold.engine.errors import ManifestUnknown
+
+log = logging.getLogger(__name__)
+LEASE = "gc"
+
+
+@dataclass
+class GCReport:
+    dry_run: bool
+    grace_seconds: float
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    blobs_deleted: int = 0
+    bytes_freed: int = 0
+    leaks_deleted: int = 0
+    leak_bytes_freed: int = 0
+    uploads_expired: int = 0
+    referrers_deleted: int = 0
+    resumed_deletions: int = 0
+    would_delete: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_freed + self.leak_bytes_freed
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["would_delete_count"] = len(self.would_delete)
+        data["would_delete"] = self.would_delete[:1000]  # the report row stays small
+        data["total_bytes"] = self.total_bytes
+        return data
+
+
+Progress = Callable[[str, int], None]
+
+
+def collect(
+    registry: Registry,
+    *,
+    grace_seconds: float,
+    dry_run: bool = False,
+    delete_orphan_referrers: bool = True,
+    progress: Progress | None = None,
+) -> GCReport:
+    """One GC run under the GC lease; raises ``JobAlreadyRunning`` if another one is going."""
+    report = GCReport(dry_run=dry_run, grace_seconds=grace_seconds)
+    with registry.jobs.exclusive(LEASE, ttl=max(600.0, grace_seconds)):
+        run_id = registry.jobs.start_run("gc", dry_run)
+        status = "failed"
+        try:
+            _run(registry, report, delete_orphan_referrers, progress or (lambda _step, _n: None))
+            status = "succeeded" if not report.errors else "partial"
+        finally:
+            report.finished_at = time.time()
+            registry.jobs.finish_run(run_id, status, report.summary())
+    return report
+
+
+def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress) -> None:
+    collection = registry.collection
+    cutoff = time.time() - report.grace_seconds
+    if report.dry_run:
+        _plan(registry, report, cutoff)
+        return
+
+    resumed = collection.purge()
+    report.resumed_deletions = resumed.deleted
+    report.errors.extend(f"could not delete {key}" for key in resumed.failed)
+    # Staged uploads no session owns are judged by the session expiry, not the GC grace: a
+    # session row is written just after its staged upload is created.
+    report.uploads_expired = registry.expire_uploads()
+
+    if orphans:
+        for repository, digest in collection.orphan_referrers(cutoff):
+            try:
+                registry.delete_manifest(repository, digest, force=True)
+                report.referrers_deleted += 1
+            except ManifestUnknown:
+                pass  # deleted by someone else meanwhile
+
+    for page in collection.mark(cutoff):
+        swept = collection.sweep([blob.digest for blob in page], cutoff)
+        progress("sweep", len(page))
+        if swept:
+            purged = collection.purge()
+            report.blobs_deleted += purged.deleted
+            report.bytes_freed += purged.bytes
+            report.errors.extend(f"could not delete {key}" for key in purged.failed)
+
+    leaks = collection.leaks(cutoff)
+    if leaks:
+        deleted = collection.delete_leaks(leaks, cutoff)
+        report.leaks_deleted = deleted.deleted
+        report.leak_bytes_freed = deleted.bytes
+        report.errors.extend(f"could not delete leaked {key}" for key in deleted.failed)
+        progress("leaks", deleted.deleted)
+
+
+def _plan(registry: Registry, report: GCReport, cutoff: float) -> None:
+    """A dry run: exactly what a run now would delete, changing nothing."""
+    collection = registry.collection
+    for blob in collection.queued():
+        report.would_delete.append({"kind": "queued", "key": blob.storage_key, "size": blob.size})
+        report.bytes_freed += blob.size
+    for repository, digest in collection.orphan_referrers(cutoff):
+        report.would_delete.append({"kind": "referrer", "repository": repository, "digest": digest})
+        report.referrers_deleted += 1
+    for page in collection.mark(cutoff):
+        for blob in page:
+            report.would_delete.append({"kind": "blob", "digest": blob.digest, "size": blob.size})
+            report.blobs_deleted += 1
+            report.bytes_freed += blob.size
+    for leak in collection.leaks(cutoff):
+        report.would_delete.append({"kind": "leak", "key": leak.key, "size": leak.size})
+        report.leaks_deleted += 1
+        report.leak_bytes_freed += leak.size

@@ -1,0 +1,220 @@
+"""The garbage collector against a real filesystem store and SQLite."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cargohold.engine import Registry
+from cargohold.engine import errors as e
+from cargohold.engine.jobs import JobAlreadyRunning
+from cargohold.engine.layout import BLOB_PREFIX
+from cargohold.gc import collect
+from tests.engine.conftest import digest_of, image_manifest, make_registry, push_blob, push_image
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def stored_keys(registry: Registry) -> set[str]:
+    return {info.key for info in registry.backend.list(BLOB_PREFIX)}
+
+
+def live_keys(registry: Registry) -> set[str]:
+    rows = registry.store.read().execute("SELECT storage_key FROM blobs WHERE state = 'live'")
+    return {row[0] for row in rows}
+
+
+def age_everything(registry: Registry, seconds: float = 3600) -> None:
+    """Pretend everything happened ``seconds`` ago (instead of sleeping past a grace period)."""
+    with registry.store.write() as conn:
+        conn.execute(
+            "UPDATE blobs SET touched_at = touched_at - ?, created_at = created_at - ?", (seconds, seconds)
+        )
+        conn.execute("UPDATE manifests SET created_at = created_at - ?", (seconds,))
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return make_registry(tmp_path)
+
+
+def test_collects_unreferenced_idle_blobs_and_keeps_the_rest(registry: Registry) -> None:
+    kept_layer, orphan, young = os.urandom(1000), os.urandom(2000), os.urandom(3000)
+    push_image(registry, "app", "v1", b"{}", [kept_layer])
+    push_blob(registry, "app", orphan)
+    age_everything(registry)
+    push_blob(registry, "app", young)  # inside the grace period
+
+    report = collect(registry, grace_seconds=600)
+
+    assert report.blobs_deleted == 1 and report.bytes_freed == len(orphan)
+    with pytest.raises(e.BlobUnknown):
+        registry.stat_blob("app", digest_of(orphan))
+    assert registry.stat_blob("app", digest_of(kept_layer)).size == len(kept_layer)
+    assert registry.stat_blob("app", digest_of(young)).size == len(young)
+    assert stored_keys(registry) == live_keys(registry)  # the bytes are really gone
+    assert registry.store.read().execute(
+        "SELECT COUNT(*) FROM blobs WHERE digest = ?", (digest_of(orphan),)
+    ).fetchone() == (0,)
+
+
+def test_deleting_a_manifest_frees_its_layers_unless_shared(registry: Registry) -> None:
+    shared, own = os.urandom(500), os.urandom(700)
+    first = push_image(registry, "a", "v1", b'{"a":1}', [shared, own])
+    push_image(registry, "b", "v1", b'{"b":1}', [shared])
+    registry.delete_manifest("a", first)
+    age_everything(registry)
+    report = collect(registry, grace_seconds=60)
+    assert report.blobs_deleted == 2  # own layer and a's config
+    assert registry.stat_blob("b", digest_of(shared)).size == len(shared)  # b still references it
+    with pytest.raises(e.BlobUnknown):
+        registry.stat_blob("a", digest_of(own))
+    assert stored_keys(registry) == live_keys(registry)
+
+
+def test_dry_run_lists_exactly_what_a_run_then_deletes(registry: Registry) -> None:
+    orphans = [os.urandom(100 + i) for i in range(5)]
+    for blob in orphans:
+        push_blob(registry, "r", blob)
+    push_image(registry, "r", "keep", b"{}", [b"kept"])
+    registry.backend.put("blobs/zz/leaked-by-a-crash", [b"leak"])
+    age_everything(registry)
+    before = stored_keys(registry)
+
+    plan = collect(registry, grace_seconds=0, dry_run=True)
+    assert stored_keys(registry) == before  # nothing changed
+    planned = {item.get("digest") or item.get("key") for item in plan.would_delete}
+    assert planned == {digest_of(b) for b in orphans} | {"blobs/zz/leaked-by-a-crash"}
+    assert plan.bytes_freed == sum(map(len, orphans))
+
+    report = collect(registry, grace_seconds=0)
+    assert report.blobs_deleted == plan.blobs_deleted and report.bytes_freed == plan.bytes_freed
+    assert report.leaks_deleted == 1 and report.leak_bytes_freed == 4
+    assert stored_keys(registry) == live_keys(registry)
+
+
+def test_young_leaks_are_left_alone(registry: Registry) -> None:
+    registry.backend.put("blobs/zz/just-written", [b"maybe about to be recorded"])
+    assert collect(registry, grace_seconds=3600).leaks_deleted == 0
+    assert "blobs/zz/just-written" in stored_keys(registry)
+
+
+def test_a_sweep_interrupted_before_the_physical_delete_resumes(registry: Registry) -> None:
+    data = os.urandom(4096)
+    digest = push_blob(registry, "r", data)
+    age_everything(registry)
+    cutoff = time.time()
+    tombstoned = registry.collection.sweep([digest], cutoff)  # then the process dies
+    assert [b.digest for b in tombstoned] == [digest]
+    with pytest.raises(e.BlobUnknown):
+        registry.stat_blob("r", digest)
+    assert len(stored_keys(registry)) == 1  # bytes still there, queued
+
+    report = collect(make_registry(Path(registry.store.path).parent), grace_seconds=60)
+    assert report.resumed_deletions == 1
+    assert stored_keys(registry) == set()
+
+
+def test_sweep_rechecks_so_a_manifest_put_that_won_keeps_its_blob(registry: Registry) -> None:
+    config, layer = b"{}", os.urandom(900)
+    push_blob(registry, "r", config)
+    push_blob(registry, "r", layer)
+    age_everything(registry)
+    candidates = [b.digest for page in registry.collection.mark(time.time()) for b in page]
+    assert set(candidates) == {digest_of(config), digest_of(layer)}
+    registry.put_manifest("r", "v1", image_manifest(config, [layer]), OCI_MANIFEST)  # the PUT wins
+    assert registry.collection.sweep(candidates, time.time()) == []
+    assert registry.stat_blob("r", digest_of(layer)).size == len(layer)
+
+
+def test_a_manifest_put_after_the_sweep_is_refused_until_the_client_reuploads(registry: Registry) -> None:
+    config, layer = b"{}", os.urandom(900)
+    push_blob(registry, "r", config)
+    push_blob(registry, "r", layer)
+    age_everything(registry)
+    collect(registry, grace_seconds=0)  # the sweep wins
+    with pytest.raises(e.ManifestBlobUnknown):
+        registry.put_manifest("r", "v1", image_manifest(config, [layer]), OCI_MANIFEST)
+    push_blob(registry, "r", config)
+    push_blob(registry, "r", layer)
+    registry.put_manifest("r", "v1", image_manifest(config, [layer]), OCI_MANIFEST)
+    assert b"".join(registry.open_blob("r", digest_of(layer)).read()) == layer
+
+
+def test_orphan_referrers_go_after_the_grace_period(registry: Registry) -> None:
+    subject = push_image(registry, "r", "v1", b"{}", [b"layer"])
+    signature = image_manifest(b"{}", [], subject={"mediaType": OCI_MANIFEST, "digest": subject, "size": 1})
+    sig_digest = registry.put_manifest("r", digest_of(signature), signature, OCI_MANIFEST).digest
+    registry.delete_manifest("r", subject)
+    assert collect(registry, grace_seconds=3600).referrers_deleted == 0  # too young
+    age_everything(registry)
+    assert collect(registry, grace_seconds=60).referrers_deleted == 1
+    with pytest.raises(e.ManifestUnknown):
+        registry.get_manifest("r", sig_digest)
+
+
+def test_only_one_run_at_a_time_and_every_run_is_reported(registry: Registry) -> None:
+    assert registry.jobs.acquire("gc", ttl=60)
+    other = make_registry(Path(registry.store.path).parent)
+    with pytest.raises(JobAlreadyRunning):
+        collect(other, grace_seconds=0)
+    registry.jobs.release("gc")
+    collect(other, grace_seconds=0, dry_run=True)
+    collect(other, grace_seconds=0)
+    runs = other.jobs.runs("gc")
+    assert [(r.dry_run, r.status) for r in runs] == [(False, "succeeded"), (True, "succeeded")]
+    assert runs[0].finished_at is not None and "bytes_freed" in runs[0].summary
+
+
+def test_an_expired_lease_does_not_block_forever(registry: Registry) -> None:
+    assert registry.jobs.acquire("gc", ttl=0.01)
+    time.sleep(0.05)
+    other = make_registry(Path(registry.store.path).parent)
+    assert collect(other, grace_seconds=0).finished_at is not None
+
+
+def test_gc_runs_while_pushes_go_on(registry: Registry) -> None:
+    """Threads push and GC loops with no grace period; every acknowledged image stays whole."""
+    stop = threading.Event()
+    acknowledged: list[tuple[str, bytes]] = []
+    shared = os.urandom(2048)
+
+    def gc_loop() -> None:
+        while not stop.is_set():
+            collect(make_registry(Path(registry.store.path).parent), grace_seconds=0)
+
+    def pusher(n: int) -> None:
+        local = make_registry(Path(registry.store.path).parent)
+        for i in range(15):
+            layer = os.urandom(1000 + i)
+            for _attempt in range(20):
+                try:
+                    push_blob(local, f"p{n}", b"{}")
+                    push_blob(local, f"p{n}", shared)
+                    push_blob(local, f"p{n}", layer)
+                    manifest = image_manifest(b"{}", [shared, layer])
+                    local.put_manifest(f"p{n}", f"t{i}", manifest, OCI_MANIFEST)
+                    acknowledged.append((f"p{n}", manifest))
+                    break
+                except (e.ManifestBlobUnknown, JobAlreadyRunning):
+                    continue  # the sweep won: upload again, as a client must
+
+    gc_thread = threading.Thread(target=gc_loop)
+    gc_thread.start()
+    pushers = [threading.Thread(target=pusher, args=(n,)) for n in range(3)]
+    for thread in pushers:
+        thread.start()
+    for thread in pushers:
+        thread.join()
+    stop.set()
+    gc_thread.join()
+    assert len(acknowledged) == 45
+    for repository, manifest in acknowledged:
+        got = registry.get_manifest(repository, digest_of(manifest))
+        assert got.data == manifest
+        for layer in (shared,):
+            assert b"".join(registry.open_blob(repository, digest_of(layer)).read()) == layer
