@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -93,6 +94,118 @@ def _serve_uvicorn(settings) -> None:  # type: ignore[no-untyped-def]
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
         access_log=False,
         log_level=settings.log_level,
+    )
+
+
+def _open_registry():  # type: ignore[no-untyped-def]
+    from cargohold.runtime import open_registry
+
+    return open_registry(load_settings())
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
+@click.option("--grace", "grace", help="Grace period (e.g. 1h, 30m); default: gc.grace_period.")
+@click.option("--history", is_flag=True, help="Show the reports of recent runs instead of running.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def gc(dry_run: bool, grace: str | None, history: bool, as_json: bool) -> None:
+    """Collect garbage online: unreferenced blobs, leaked objects, stale uploads."""
+    import json
+
+    from cargohold.config import parse_duration
+    from cargohold.engine.jobs import JobAlreadyRunning
+    from cargohold.gc import collect
+
+    settings = load_settings()
+    registry = _open_registry()
+    if history:
+        runs = registry.jobs.runs("gc")
+        if as_json:
+            click.echo(json.dumps([run.__dict__ for run in runs], indent=2, default=str))
+        for run in [] if as_json else runs:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at))
+            freed = _size(run.summary.get("total_bytes", 0))
+            kind = "dry run" if run.dry_run else "run"
+            click.echo(f"#{run.id} {when} {kind:<7} {run.status:<9} freed {freed}")
+        return
+    grace_seconds = parse_duration(grace) if grace is not None else settings.gc.grace_period
+    with click.progressbar(length=0, label="sweeping", file=sys.stderr) as bar:
+
+        def progress(step: str, count: int) -> None:
+            bar.length = (bar.length or 0) + count
+            bar.update(count)
+
+        try:
+            report = collect(
+                registry,
+                grace_seconds=grace_seconds,
+                dry_run=dry_run,
+                delete_orphan_referrers=settings.gc.delete_orphan_referrers,
+                progress=progress,
+            )
+        except JobAlreadyRunning:
+            raise click.ClickException("another garbage collection is running") from None
+    if as_json:
+        click.echo(json.dumps(report.summary(), indent=2))
+        return
+    verb = "would free" if dry_run else "freed"
+    click.echo(
+        f"{'dry run: ' if dry_run else ''}{report.blobs_deleted} blobs, "
+        f"{report.leaks_deleted} leaked objects, {report.referrers_deleted} orphan referrers, "
+        f"{report.uploads_expired} stale uploads; "
+        f"{verb} {_size(report.total_bytes)}"
+    )
+    for item in report.would_delete[:50] if dry_run else []:
+        click.echo(
+            f"  {item['kind']:<8} {item.get('digest') or item.get('key')} {_size(item.get('size', 0))}"
+        )
+    if report.errors:
+        click.echo(f"{len(report.errors)} errors: {report.errors[:5]}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def du(as_json: bool) -> None:
+    """Storage use per repository and the dedup savings of the whole store."""
+    import dataclasses
+    import json
+
+    usage = _open_registry().usage()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "blobs": usage.blobs,
+                    "stored_bytes": usage.stored_bytes,
+                    "logical_bytes": usage.logical_bytes,
+                    "dedup_savings_bytes": usage.dedup_savings_bytes,
+                    "repositories": [
+                        {**dataclasses.asdict(repo), "shared_bytes": repo.shared_bytes}
+                        for repo in usage.repositories
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(f"{'REPOSITORY':<40} {'BLOBS':>7} {'REFERENCED':>12} {'UNIQUE':>12} {'SHARED':>12}")
+    for repo in usage.repositories:
+        click.echo(
+            f"{repo.name:<40} {repo.blobs:>7} {_size(repo.referenced_bytes):>12} "
+            f"{_size(repo.unique_bytes):>12} {_size(repo.shared_bytes):>12}"
+        )
+    click.echo(
+        f"stored {_size(usage.stored_bytes)} in {usage.blobs} blobs; "
+        f"without dedup {_size(usage.logical_bytes)}; dedup saves {_size(usage.dedup_savings_bytes)}"
     )
 
 

@@ -9,17 +9,35 @@ filesystem storage and SQLite metadata under ``./cargohold-data``, listening on
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "CARGOHOLD_CONFIG"
 _config_path: ContextVar[Path | None] = ContextVar("cargohold_config_path", default=None)
+
+
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as ``90s``, ``15m``, ``1h``, ``7d``, ``2w``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.fullmatch(str(value))
+    if match is None:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 15m, 1h, 7d)")
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 
 class FilesystemStorage(BaseModel):
@@ -108,6 +126,27 @@ class LimitSettings(BaseModel):
     referrers_page_size: int = Field(1000, gt=0)
 
 
+class GCSettings(BaseModel):
+    """Garbage collection. Without ``schedule`` it runs only from the CLI or the admin API."""
+
+    schedule: str | None = None  # crontab, e.g. "0 3 * * *"
+    grace_period: Duration = 3600.0  # nothing touched more recently than this is collected
+    delete_orphan_referrers: bool = True
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_fields(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError("schedule must be a crontab expression with five fields")
+        return value
+
+
+class AdminSettings(BaseModel):
+    """The admin API under /admin/; off unless a bearer token is set."""
+
+    token: str | None = None
+
+
 class Settings(BaseSettings):
     """Everything an operator can set. Sections that are absent keep their defaults."""
 
@@ -128,6 +167,8 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     uploads: UploadSettings = UploadSettings()
     limits: LimitSettings = LimitSettings()
+    gc: GCSettings = GCSettings()
+    admin: AdminSettings = AdminSettings()
 
     @field_validator("address")
     @classmethod

@@ -123,11 +123,22 @@ class JobQueries:
         )
         return [(row[0], row[1]) for row in rows]
 
-    def usage(self, conn: Conn) -> dict[str, int]:
+    def repository_usage(self, conn: Conn) -> list[tuple[str, int, int, int]]:
+        """(repository, blobs, bytes referenced, bytes no other repository links), largest first."""
+        rows = conn.execute(
+            "SELECT r.name, COUNT(*), COALESCE(SUM(b.size), 0), "
+            "COALESCE(SUM(CASE WHEN b.repo_links = 1 THEN b.size ELSE 0 END), 0) "
+            "FROM repository_blobs rb JOIN repositories r ON r.id = rb.repository_id "
+            "JOIN blobs b ON b.digest = rb.digest AND b.state = 'live' GROUP BY r.name ORDER BY 3 DESC"
+        )
+        return [(row[0], row[1], row[2], row[3]) for row in rows]
+
+    def store_usage(self, conn: Conn) -> tuple[int, int]:
+        """(live blobs, bytes stored once each)."""
         row = conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs WHERE state = 'live'"
         ).fetchone()
-        return {"blobs": row[0], "bytes": row[1]}
+        return row[0], row[1]
 
     # -- leases ---------------------------------------------------------------------------
     def acquire_lease(self, conn: Conn, name: str, owner: str, ttl: float, now: float) -> bool:

@@ -45,6 +45,7 @@ from cargohold.engine.manifests import parse_manifest
 from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow
 from cargohold.engine.names import check_name, check_tag
 from cargohold.engine.uploads import UploadSessions, UploadState, backend_call
+from cargohold.engine.usage import Usage, measure
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +363,10 @@ class Registry:
         return Page([_referrer_descriptor(r) for r in rows[:page_size]], len(rows) > page_size)
 
     # ===================================================================== operations
+    def usage(self) -> Usage:
+        """Bytes per repository (referenced, unique, shared) and the store's dedup savings."""
+        return measure(self.store)
+
     def check(self) -> None:
         """Raise if the metadata store or the backend cannot be reached."""
         self.store.check()
