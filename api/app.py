@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cargohold.api.accesslog import AccessLog
+from cargohold.api.admin import AdminAPI, GCDefaults
 from cargohold.api.distribution import DistributionAPI
 from cargohold.api.errors import HANDLERS
 from cargohold.engine import Registry
@@ -46,6 +47,10 @@ def create_app(
     referrers_page_size: int = 1000,
     chunk_min_length: int = 0,
     log_format: str = "json",
+    admin_token: str | None = None,
+    gc_defaults: GCDefaults | None = None,
+    on_startup: Sequence[Callable[[], object]] = (),
+    on_shutdown: Sequence[Callable[[], object]] = (),
 ) -> AccessLog:
     api = DistributionAPI(
         registry,
@@ -67,6 +72,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for hook in on_startup:
+            await run_in_threadpool(hook)
         chores = [
             asyncio.create_task(_every(FLUSH_INTERVAL_SECONDS, registry.activity.flush, "activity flush")),
             asyncio.create_task(_every(UPLOAD_SWEEP_SECONDS, registry.expire_uploads, "upload expiry")),
@@ -76,6 +83,8 @@ def create_app(
         finally:
             for task in chores:
                 task.cancel()
+            for hook in on_shutdown:
+                await run_in_threadpool(hook)
             await run_in_threadpool(registry.activity.flush)
 
     routes = [
@@ -85,5 +94,7 @@ def create_app(
         Route("/healthz", live, methods=["GET", "HEAD"]),
         Route("/readyz", ready, methods=["GET", "HEAD"]),
     ]
+    if admin_token:
+        routes.extend(AdminAPI(registry, admin_token, gc_defaults or GCDefaults()).routes())
     app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
     return AccessLog(app, log_format)

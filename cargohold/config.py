@@ -129,15 +129,15 @@ class LimitSettings(BaseModel):
 class GCSettings(BaseModel):
     """Garbage collection. Without ``schedule`` it runs only from the CLI or the admin API."""
 
-    schedule: str | None = None  # crontab, e.g. "0 3 * * *"
+    schedule: str | None = None  # crontab, e.g. "0 3 * * *" (six fields: seconds first)
     grace_period: Duration = 3600.0  # nothing touched more recently than this is collected
     delete_orphan_referrers: bool = True
 
     @field_validator("schedule")
     @classmethod
     def _five_fields(cls, value: str | None) -> str | None:
-        if value is not None and len(value.split()) != 5:
-            raise ValueError("schedule must be a crontab expression with five fields")
+        if value is not None and len(value.split()) not in (5, 6):
+            raise ValueError("schedule must be a crontab expression (five fields, or six with seconds)")
         return value
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cargohold.backends import Backend, FilesystemBackend
 from cargohold.config import Settings, load_settings
 from cargohold.engine import MetadataStore, Registry, RegistryLimits
@@ -55,12 +57,13 @@ def open_registry(settings: Settings) -> Registry:
 
 def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untyped-def]
     """The ASGI app for one worker process (the ASGI server calls this as a factory)."""
-    from cargohold.api import create_app
+    from cargohold.api import GCDefaults, create_app
     from cargohold.logs import configure_logging
 
     settings = settings or load_settings()
     configure_logging(settings.log_level)
     registry = open_registry(settings)
+    start, stop = _scheduler_hooks(settings, registry)
     return create_app(
         registry,
         catalog_max_n=settings.limits.catalog_max_n,
@@ -68,4 +71,43 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
         referrers_page_size=settings.limits.referrers_page_size,
         chunk_min_length=settings.uploads.chunk_min_length,
         log_format=settings.log_format,
+        admin_token=settings.admin.token,
+        gc_defaults=GCDefaults(settings.gc.grace_period, settings.gc.delete_orphan_referrers),
+        on_startup=[start],
+        on_shutdown=[stop],
     )
+
+
+def _scheduler_hooks(
+    settings: Settings, registry: Registry
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Start and stop the scheduler of this worker's periodic jobs (those with a schedule)."""
+    from cargohold.gc import collect
+    from cargohold.gc.schedule import ScheduledJob, start_scheduler
+
+    jobs = []
+    if settings.gc.schedule:
+        gc = settings.gc
+        jobs.append(
+            ScheduledJob(
+                "gc",
+                gc.schedule,
+                lambda: collect(
+                    registry,
+                    grace_seconds=gc.grace_period,
+                    delete_orphan_referrers=gc.delete_orphan_referrers,
+                ),
+            )
+        )
+    running: list[object] = []
+
+    def start() -> None:
+        scheduler = start_scheduler(jobs)
+        if scheduler is not None:
+            running.append(scheduler)
+
+    def stop() -> None:
+        for scheduler in running:
+            scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
+
+    return start, stop

@@ -38,6 +38,17 @@ def _guarded(job: ScheduledJob) -> Callable[[], None]:
     return run
 
 
+def cron_trigger(expression: str) -> CronTrigger:
+    """A crontab expression (five fields), or six fields with seconds first."""
+    fields = expression.split()
+    if len(fields) == 6:
+        second, minute, hour, day, month, day_of_week = fields
+        return CronTrigger(
+            second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=day_of_week
+        )
+    return CronTrigger.from_crontab(expression)
+
+
 def start_scheduler(jobs: list[ScheduledJob]) -> BackgroundScheduler | None:
     """Start a background scheduler for ``jobs``; None when there is nothing to schedule."""
     if not jobs:
@@ -45,7 +56,7 @@ def start_scheduler(jobs: list[ScheduledJob]) -> BackgroundScheduler | None:
     scheduler = BackgroundScheduler(daemon=True)
     for job in jobs:
         scheduler.add_job(
-            _guarded(job), CronTrigger.from_crontab(job.crontab), id=job.name, max_instances=1, coalesce=True
+            _guarded(job), cron_trigger(job.crontab), id=job.name, max_instances=1, coalesce=True
         )
     scheduler.start()
     log.info("scheduled jobs: %s", ", ".join(f"{job.name} ({job.crontab})" for job in jobs))
