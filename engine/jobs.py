@@ -19,6 +19,20 @@ from cargohold.engine.metadata import MetadataStore
 from cargohold.engine.metadata_jobs import JobQueries, JobRun
 
 
+def _dead_local_process(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class JobAlreadyRunning(Exception):
     """Another process holds the job's lease."""
 
@@ -30,9 +44,19 @@ class JobLedger:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def acquire(self, name: str, ttl: float) -> bool:
-        """Take (or renew) the lease; False while another runner holds it."""
+        """Take (or renew) the lease; False while another live runner holds it.
+
+        A lease whose holder was a process on this host that no longer exists (killed,
+        crashed) is taken over at once rather than after its expiry.
+        """
         with self.store.write() as conn:
-            return self.queries.acquire_lease(conn, name, self.owner, ttl, time.time())
+            now = time.time()
+            if self.queries.acquire_lease(conn, name, self.owner, ttl, now):
+                return True
+            holder = self.queries.lease_owner(conn, name)
+            if holder is not None and _dead_local_process(holder):
+                return self.queries.take_over_lease(conn, name, holder, self.owner, ttl, now)
+            return False
 
     def release(self, name: str) -> None:
         with self.store.write() as conn:

@@ -152,6 +152,17 @@ class JobQueries:
         row = conn.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
         return row is not None and row[0] == owner
 
+    def lease_owner(self, conn: Conn, name: str) -> str | None:
+        row = conn.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def take_over_lease(self, conn: Conn, name: str, holder: str, owner: str, ttl: float, now: float) -> bool:
+        cur = conn.execute(
+            "UPDATE leases SET owner = ?, expires_at = ? WHERE name = ? AND owner = ?",
+            (owner, now + ttl, name, holder),
+        )
+        return cur.rowcount == 1
+
     def release_lease(self, conn: Conn, name: str, owner: str) -> None:
         conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 

@@ -22,6 +22,7 @@
     doomed_objects (storage_key PK, digest, queued_at)   physical copies waiting to be deleted
     leases (name PK, owner, expires_at)                   one runner of a job across processes/nodes
     job_runs (id, kind, dry_run, status, started_at, finished_at, summary)   GC/retention reports
+    admin_settings (name PK, value, updated_at)          set through the admin API, e.g. retention policies
 
 Refcounts: ``blobs.manifest_refs`` = rows of manifest_references (kind 'blob') naming the
 digest, in any repository; ``blobs.repo_links`` = rows of repository_blobs. Both change
@@ -188,7 +189,17 @@ def _v3_collection(db: sqlite_utils.Database) -> None:
     db["job_runs"].create_index(["kind", "started_at"])
 
 
-MIGRATIONS: list[Migration] = [_v1_initial, _v2_portable_uploads, _v3_collection]
+def _v4_admin_settings(db: sqlite_utils.Database) -> None:
+    """Settings an admin changed through the API (retention policies); they override the file's."""
+    db.create_table(
+        "admin_settings",
+        {"name": str, "value": str, "updated_at": float},
+        pk="name",
+        not_null={"value", "updated_at"},
+    )
+
+
+MIGRATIONS: list[Migration] = [_v1_initial, _v2_portable_uploads, _v3_collection, _v4_admin_settings]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 
 

@@ -25,6 +25,7 @@ from cargohold.engine.errors import ManifestUnknown
 
 log = logging.getLogger(__name__)
 LEASE = "gc"
+LEASE_TTL = 120.0  # renewed after every page of the sweep
 
 
 @dataclass
@@ -68,7 +69,7 @@ def collect(
 ) -> GCReport:
     """One GC run under the GC lease; raises ``JobAlreadyRunning`` if another one is going."""
     report = GCReport(dry_run=dry_run, grace_seconds=grace_seconds)
-    with registry.jobs.exclusive(LEASE, ttl=max(600.0, grace_seconds)):
+    with registry.jobs.exclusive(LEASE, ttl=LEASE_TTL):
         run_id = registry.jobs.start_run("gc", dry_run)
         status = "failed"
         try:
@@ -103,6 +104,7 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
                 pass  # deleted by someone else meanwhile
 
     for page in collection.mark(cutoff):
+        registry.jobs.acquire(LEASE, LEASE_TTL)  # renew: a long sweep keeps its lease
         swept = collection.sweep([blob.digest for blob in page], cutoff)
         progress("sweep", len(page))
         if swept:
