@@ -177,7 +177,8 @@ def run_benchmark(config: Config) -> dict[str, object]:
     tools = f"GET {loadgen.generator_name('GET')}, HEAD {loadgen.generator_name('HEAD')}"
     print(
         f"\nload generators: {tools}; medians of {config.reps} interleaved reps; "
-        f"RSS rows are peaks of the server's process tree; ±: half the min-max range; runtime {elapsed:.0f}s"
+        f"RSS/PSS rows are peaks over reps of the server process tree; "
+        f"±: half the min-max range; runtime {elapsed:.0f}s"
     )
     if warning:
         print(f"WARNING: {warning}")
