@@ -172,6 +172,71 @@ def gc(dry_run: bool, grace: str | None, history: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.group()
+def retention() -> None:
+    """Cleanup policies: remove tags and manifests (then run cargohold gc to reclaim the bytes)."""
+
+
+@retention.command("plan")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--show-kept", is_flag=True, help="Also list what a keep rule saved from a delete rule.")
+def retention_plan(as_json: bool, show_kept: bool) -> None:
+    """Dry run: list each manifest and tag the policies would delete, and why."""
+    _retention(dry_run=True, as_json=as_json, show_kept=show_kept)
+
+
+@retention.command("apply")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--show-kept", is_flag=True, help="Also list what a keep rule saved from a delete rule.")
+def retention_apply(as_json: bool, show_kept: bool) -> None:
+    """Delete what the policies say; the next cargohold gc reclaims the bytes."""
+    _retention(dry_run=False, as_json=as_json, show_kept=show_kept)
+
+
+def _retention(dry_run: bool, as_json: bool, show_kept: bool) -> None:
+    import json
+
+    from cargohold.engine.jobs import JobAlreadyRunning
+    from cargohold.gc.retention import active_policies, run_retention
+
+    settings = load_settings()
+    registry = _open_registry()
+    policies, source = active_policies(registry, settings.retention.policies)
+    with click.progressbar(length=0, label="judging repositories", file=sys.stderr) as bar:
+
+        def progress(step: str, count: int) -> None:
+            bar.length = (bar.length or 0) + count
+            bar.update(count)
+
+        try:
+            report = run_retention(registry, policies, dry_run=dry_run, progress=progress)
+        except JobAlreadyRunning:
+            raise click.ClickException("another retention run is going") from None
+    summary = report.summary(limit=None)
+    if as_json:
+        click.echo(json.dumps({**summary, "source": source}, indent=2))
+        return
+    rows = summary["decisions"] + (summary["kept_decisions"] if show_kept else [])
+    if rows:
+        click.echo(f"{'REPOSITORY':<30} {'DIGEST':<19} {'TAGS':<24} {'ACTION':<15} {'GC FREES':>10}  RULE")
+    for item in rows:
+        tags = ",".join(item["tags"]) or "-"
+        rule = item["rule"] + (f" (follows {item['follows'][:19]})" if item["follows"] else "")
+        rule += f" [{item['outcome']}]" if item.get("outcome", "deleted") != "deleted" else ""
+        click.echo(
+            f"{item['repository']:<30} {item['digest'][:19]:<19} {tags[:24]:<24} {item['action']:<15} "
+            f"{_size(item['freed_bytes']):>10}  {rule}"
+        )
+    click.echo(
+        f"{'dry run: would delete' if dry_run else 'deleted'} {summary['manifests_deleted']} manifests and "
+        f"{summary['tags_deleted']} tags in {summary['repositories']} repositories "
+        f"({summary['kept']} kept by a keep rule; {len(policies)} policies from the {source}); "
+        f"the GC would then free {_size(summary['reclaimable_bytes'])}"
+    )
+    if summary["changed_since_plan"]:
+        click.echo(f"{summary['changed_since_plan']} skipped: changed since the plan", err=True)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def du(as_json: bool) -> None:
@@ -207,6 +272,30 @@ def du(as_json: bool) -> None:
         f"stored {_size(usage.stored_bytes)} in {usage.blobs} blobs; "
         f"without dedup {_size(usage.logical_bytes)}; dedup saves {_size(usage.dedup_savings_bytes)}"
     )
+
+
+@main.command("fsck")
+@click.option("--repair", is_flag=True, help="Fix what is safe: counters, expired uploads, GC queue.")
+@click.option("--drop-dangling-tags", is_flag=True, help="With --repair: delete tags naming no manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def fsck_command(repair: bool, drop_dangling_tags: bool, as_json: bool) -> None:
+    """Check that metadata and stored bytes agree. Exit 0: clean; 1: findings; 2: error."""
+    import json
+
+    try:
+        report = _open_registry().fsck(repair=repair, drop_dangling_tags=drop_dangling_tags)
+    except Exception as exc:  # the exit code says "could not check", distinct from "found damage"
+        click.echo(f"fsck failed: {exc}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for finding in report.findings:
+            state = "repaired" if finding.repaired else "FOUND"
+            click.echo(f"{state:<8} {finding.kind:<18} {finding.subject} {finding.detail}")
+        verdict = "clean" if report.clean else f"{len(report.unrepaired)} problems"
+        click.echo(f"checked {report.blobs_checked} blobs: {verdict}")
+    sys.exit(0 if report.clean else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

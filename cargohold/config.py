@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "CARGOHOLD_CONFIG"
@@ -141,6 +149,75 @@ class GCSettings(BaseModel):
         return value
 
 
+def _check_tag_pattern(pattern: str) -> str:
+    if not pattern:
+        raise ValueError("a tag pattern must not be empty")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+    return pattern
+
+
+# A shell glob (``v*``, ``pr-[0-9]*``) or ``re:<regex>``; both match the whole tag.
+TagPattern = Annotated[str, AfterValidator(_check_tag_pattern)]
+
+
+class RetentionKeep(BaseModel):
+    """What a policy keeps, whatever its delete rules say. Any one rule keeps a manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: list[TagPattern] = []
+    last_pushed: int | None = Field(None, ge=1)  # the N most recently pushed images
+    last_pulled: int | None = Field(None, ge=1)  # the N most recently pulled images
+    pushed_within: Duration | None = None
+    pulled_within: Duration | None = None
+
+
+class RetentionDelete(BaseModel):
+    """What a policy deletes unless a keep rule (of any policy) keeps it. Any one rule matches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: list[TagPattern] = []  # these tags go; the manifest goes when none of its tags is left
+    older_than: Duration | None = None  # images pushed longer ago than this
+    untagged_older_than: Duration | None = None  # untagged images pushed longer ago than this
+
+
+class RetentionPolicy(BaseModel):
+    """Rules for the repositories matching ``repositories`` (globs: ``*`` stops at ``/``, ``**`` does not)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    repositories: list[str] = Field(min_length=1)
+    keep: RetentionKeep = RetentionKeep()
+    delete: RetentionDelete = RetentionDelete()
+
+
+class RetentionSettings(BaseModel):
+    """Cleanup policies; they remove tags and manifests, the GC then reclaims the bytes.
+    Without ``schedule`` they run only from the CLI or the admin API."""
+
+    schedule: str | None = None  # crontab, like gc.schedule
+    policies: list[RetentionPolicy] = []
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_fields(cls, value: str | None) -> str | None:
+        return GCSettings._five_fields(value)
+
+    @field_validator("policies")
+    @classmethod
+    def _unique_names(cls, value: list[RetentionPolicy]) -> list[RetentionPolicy]:
+        names = [policy.name for policy in value]
+        if len(set(names)) != len(names):
+            raise ValueError("retention policy names must be unique")
+        return value
+
+
 class AdminSettings(BaseModel):
     """The admin API under /admin/; off unless a bearer token is set."""
 
@@ -168,6 +245,7 @@ class Settings(BaseSettings):
     uploads: UploadSettings = UploadSettings()
     limits: LimitSettings = LimitSettings()
     gc: GCSettings = GCSettings()
+    retention: RetentionSettings = RetentionSettings()
     admin: AdminSettings = AdminSettings()
 
     @field_validator("address")

@@ -73,6 +73,7 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
         log_format=settings.log_format,
         admin_token=settings.admin.token,
         gc_defaults=GCDefaults(settings.gc.grace_period, settings.gc.delete_orphan_referrers),
+        retention_policies=settings.retention.policies,
         on_startup=[start],
         on_shutdown=[stop],
     )
@@ -83,6 +84,7 @@ def _scheduler_hooks(
 ) -> tuple[Callable[[], object], Callable[[], object]]:
     """Start and stop the scheduler of this worker's periodic jobs (those with a schedule)."""
     from cargohold.gc import collect
+    from cargohold.gc.retention import active_policies, run_retention
     from cargohold.gc.schedule import ScheduledJob, start_scheduler
 
     jobs = []
@@ -97,6 +99,16 @@ def _scheduler_hooks(
                     grace_seconds=gc.grace_period,
                     delete_orphan_referrers=gc.delete_orphan_referrers,
                 ),
+            )
+        )
+    if settings.retention.schedule:
+        configured = settings.retention.policies
+        jobs.append(
+            ScheduledJob(
+                "retention",
+                settings.retention.schedule,
+                # Resolved at each run: policies stored through the admin API apply without a restart.
+                lambda: run_retention(registry, active_policies(registry, configured)[0]),
             )
         )
     running: list[object] = []

@@ -105,7 +105,9 @@ class Inventory:
                 repo_id = self.store.repository_id(conn, repository)
                 if repo_id is None:
                     continue
-                for manifest, blob, size, manifest_refs in self.queries.blob_references(conn, repo_id, digests):
+                for manifest, blob, size, manifest_refs in self.queries.blob_references(
+                    conn, repo_id, digests
+                ):
                     refs[(repository, manifest)].append((blob, size))
                     doomed_refs[blob] += 1
                     refcount[blob] = manifest_refs

@@ -45,7 +45,9 @@ class RetentionQueries:
         )
         return [(row[0], row[1]) for row in rows]
 
-    def manifests(self, conn: Conn, repository_id: int) -> list[tuple[str, str, str | None, str | None, float, float | None]]:
+    def manifests(
+        self, conn: Conn, repository_id: int
+    ) -> list[tuple[str, str, str | None, str | None, float, float | None]]:
         """(digest, media_type, artifact_type, subject, created_at, last_pulled_at)."""
         rows = conn.execute(
             "SELECT digest, media_type, artifact_type, subject, created_at, last_pulled_at "
@@ -126,4 +128,3 @@ class RetentionQueries:
 
     def forget_policies(self, conn: Conn) -> bool:
         return conn.execute("DELETE FROM admin_settings WHERE name = ?", (POLICIES,)).rowcount == 1
-

@@ -40,6 +40,7 @@ from cargohold.engine.errors import (
     NameUnknown,
     StorageUnavailable,
 )
+from cargohold.engine.fsck import FsckReport, fsck
 from cargohold.engine.jobs import JobLedger
 from cargohold.engine.manifests import parse_manifest
 from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow
@@ -363,6 +364,10 @@ class Registry:
         return Page([_referrer_descriptor(r) for r in rows[:page_size]], len(rows) > page_size)
 
     # ===================================================================== operations
+    def fsck(self, *, repair: bool = False, drop_dangling_tags: bool = False) -> FsckReport:
+        """Check that the metadata and the stored bytes agree (``engine.fsck``)."""
+        return fsck(self.store, self.backend, repair=repair, drop_dangling_tags=drop_dangling_tags)
+
     def usage(self) -> Usage:
         """Bytes per repository (referenced, unique, shared) and the store's dedup savings."""
         return measure(self.store)

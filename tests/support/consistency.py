@@ -4,7 +4,7 @@ It states what "consistent, nothing lost" means until ``cargohold fsck`` exists:
 every live blob row has its stored object with the recorded size and digest, the
 refcounts equal the reference rows, every tag names a manifest of its repository,
 every manifest reference names a live blob or a manifest of the repository, and
-every manifest has its bytes.
+every manifest has its bytes; and ``fsck`` finds nothing.
 """
 
 from __future__ import annotations
@@ -69,4 +69,19 @@ def check_data_dir(data_dir: Path, verify_digests: bool = True) -> list[str]:
             problems.append(f"manifest content {digest}: repo_count differs from the manifest rows")
     finally:
         db.close()
+    problems.extend(_fsck_findings(data_dir))
     return problems
+
+
+def _fsck_findings(data_dir: Path) -> list[str]:
+    """And what ``cargohold fsck`` says (its own, independent reading of the same store)."""
+    from cargohold.backends import FilesystemBackend
+    from cargohold.engine import MetadataStore
+    from cargohold.engine.fsck import fsck
+
+    store = MetadataStore(data_dir / "metadata.db")
+    try:
+        report = fsck(store, FilesystemBackend(data_dir / "blobs"))
+    finally:
+        store.close()
+    return [f"fsck: {f.kind} {f.subject} {f.detail}" for f in report.unrepaired]
