@@ -132,3 +132,9 @@ class DeletesDisabled(Unsupported):
     """Deletes are turned off in the configuration (answered with 405)."""
 
     default_message = "deletes are disabled on this registry"
+
+
+class ReadOnly(Unsupported):
+    """The registry is in read-only mode (maintenance, restore): writes answer 405."""
+
+    default_message = "the registry is in read-only mode for maintenance; reads still work"

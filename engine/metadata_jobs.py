@@ -166,6 +166,21 @@ class JobQueries:
     def release_lease(self, conn: Conn, name: str, owner: str) -> None:
         conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 
+    # -- settings changed at run time -------------------------------------------------------
+    def admin_setting(self, conn: Conn, name: str) -> str | None:
+        row = conn.execute("SELECT value FROM admin_settings WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_admin_setting(self, conn: Conn, name: str, value: str | None) -> None:
+        if value is None:
+            conn.execute("DELETE FROM admin_settings WHERE name = ?", (name,))
+            return
+        conn.execute(
+            "INSERT INTO admin_settings (name, value, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            (name, value, time.time()),
+        )
+
     # -- run reports ----------------------------------------------------------------------
     def start_run(self, conn: Conn, kind: str, dry_run: bool) -> int:
         cur = conn.execute(

@@ -42,6 +42,7 @@ from cargohold.engine.errors import (
 )
 from cargohold.engine.fsck import FsckReport, fsck
 from cargohold.engine.jobs import JobLedger
+from cargohold.engine.maintenance import ReadOnlySwitch
 from cargohold.engine.manifests import parse_manifest
 from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow
 from cargohold.engine.names import check_name, check_tag
@@ -61,6 +62,7 @@ class RegistryLimits:
     # Answer blob GETs with a redirect to a presigned URL, where the backend can sign.
     redirect_pulls: bool = False
     redirect_expiry_seconds: int = 1200
+    read_only: bool = False  # the config's default; the admin API can switch it at run time
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,7 @@ class Registry:
         self.uploads = UploadSessions(store, backend, self.limits.upload_expiry_seconds)
         self.collection = Collection(store, backend)
         self.jobs = JobLedger(store)
+        self.read_only = ReadOnlySwitch(store, self.limits.read_only)
         self._local_paths = backend if isinstance(backend, LocalPaths) else None
         self._presigner = (
             backend if isinstance(backend, PresignedURLs) and self.limits.redirect_pulls else None
@@ -124,6 +127,7 @@ class Registry:
 
     # ======================================================================= uploads
     def start_upload(self, repository: str, algorithm: str = "sha256") -> UploadState:
+        self.read_only.check()
         return self.uploads.start(repository, algorithm)
 
     def upload_status(self, repository: str, upload_id: str) -> UploadState:
@@ -138,6 +142,7 @@ class Registry:
         start: int | None = None,
         length: int | None = None,
     ) -> UploadState:
+        self.read_only.check()
         return self.uploads.append(repository, upload_id, chunks, start, length)
 
     def finish_upload(
@@ -150,6 +155,7 @@ class Registry:
         start: int | None = None,
         length: int | None = None,
     ) -> BlobInfo:
+        self.read_only.check()
         stored = self.uploads.finish(repository, upload_id, digest, chunks, start, length)
         return BlobInfo(stored.digest, stored.size)
 
@@ -167,6 +173,7 @@ class Registry:
         may_read: Callable[[str], bool] = lambda _name: True,
     ) -> BlobInfo | None:
         """Link a blob another repository holds; None when it cannot (the caller uploads)."""
+        self.read_only.check()
         check_name(repository)
         parse_digest(digest)
         with self.store.write() as conn:
@@ -214,6 +221,7 @@ class Registry:
         raise BlobUnknown(detail={"digest": digest})
 
     def delete_blob(self, repository: str, digest: str) -> None:
+        self.read_only.check()
         self._check_deletes()
         check_name(repository)
         parse_digest(digest)
@@ -234,6 +242,7 @@ class Registry:
     def put_manifest(
         self, repository: str, reference: str, data: bytes, content_type: str | None, tags: Iterable[str] = ()
     ) -> PutManifestResult:
+        self.read_only.check()
         check_name(repository)
         if len(data) > self.limits.manifest_max_bytes:
             raise ManifestTooLarge(detail={"size": len(data), "limit": self.limits.manifest_max_bytes})
@@ -312,6 +321,7 @@ class Registry:
         ``force`` is for the registry's own jobs (GC, retention): they delete even where
         clients may not.
         """
+        self.read_only.check()
         if not force:
             self._check_deletes()
         check_name(repository)

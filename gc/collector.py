@@ -69,6 +69,8 @@ def collect(
 ) -> GCReport:
     """One GC run under the GC lease; raises ``JobAlreadyRunning`` if another one is going."""
     report = GCReport(dry_run=dry_run, grace_seconds=grace_seconds)
+    if not dry_run:
+        registry.read_only.check()  # maintenance means no deletes either
     with registry.jobs.exclusive(LEASE, ttl=LEASE_TTL):
         run_id = registry.jobs.start_run("gc", dry_run)
         status = "failed"
