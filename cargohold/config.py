@@ -241,6 +241,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "logfmt"] = "json"
     delete_enabled: bool = True
+    # Refuse every write (405) while reads go on; the admin API can switch it at run time.
+    read_only: bool = False
     storage: StorageSettings = StorageSettings()
     uploads: UploadSettings = UploadSettings()
     limits: LimitSettings = LimitSettings()

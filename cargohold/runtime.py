@@ -51,6 +51,7 @@ def open_registry(settings: Settings) -> Registry:
         delete_enabled=settings.delete_enabled,
         redirect_pulls=settings.storage.redirect_pulls,
         redirect_expiry_seconds=settings.storage.redirect_expiry_seconds,
+        read_only=settings.read_only,
     )
     return Registry(MetadataStore(settings.metadata_path), open_backend(settings), limits)
 
