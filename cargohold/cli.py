@@ -48,6 +48,8 @@ def serve(address: str | None, data_dir: Path | None, workers: int | None, serve
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.environ["CARGOHOLD_DATA_DIR"] = str(settings.data_dir.absolute())
+    if settings.metrics:
+        _prepare_metrics_dir(settings.data_dir.absolute())
     from cargohold.runtime import describe_backend, open_registry
 
     click.echo(
@@ -62,6 +64,17 @@ def serve(address: str | None, data_dir: Path | None, workers: int | None, serve
         _serve_granian(settings)
     else:
         _serve_uvicorn(settings)
+
+
+def _prepare_metrics_dir(data_dir: Path) -> None:
+    """A fresh directory where every worker keeps its counters (prometheus-client multiprocess
+    mode). Set before anything imports prometheus_client, which reads it at import time."""
+    import shutil
+
+    directory = data_dir / "prometheus"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 def _serve_granian(settings) -> None:  # type: ignore[no-untyped-def]

@@ -243,6 +243,7 @@ class Settings(BaseSettings):
     delete_enabled: bool = True
     # Refuse every write (405) while reads go on; the admin API can switch it at run time.
     read_only: bool = False
+    metrics: bool = True  # Prometheus text on GET /metrics
     storage: StorageSettings = StorageSettings()
     uploads: UploadSettings = UploadSettings()
     limits: LimitSettings = LimitSettings()

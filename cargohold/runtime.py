@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from cargohold.backends import Backend, FilesystemBackend
 from cargohold.config import Settings, load_settings
 from cargohold.engine import MetadataStore, Registry, RegistryLimits
+from cargohold.metrics import InstrumentedBackend, StoreCollector, exposition
 
 
 def open_backend(settings: Settings) -> Backend:
@@ -53,7 +55,9 @@ def open_registry(settings: Settings) -> Registry:
         redirect_expiry_seconds=settings.storage.redirect_expiry_seconds,
         read_only=settings.read_only,
     )
-    return Registry(MetadataStore(settings.metadata_path), open_backend(settings), limits)
+    return Registry(
+        MetadataStore(settings.metadata_path), InstrumentedBackend(open_backend(settings)), limits
+    )
 
 
 def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untyped-def]
@@ -77,6 +81,7 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
         retention_policies=settings.retention.policies,
         on_startup=[start],
         on_shutdown=[stop],
+        metrics=functools.partial(exposition, StoreCollector(registry)) if settings.metrics else None,
     )
 
 

@@ -80,5 +80,9 @@ class JobLedger:
         with self.store.write() as conn:
             self.queries.finish_run(conn, run_id, status, summary)
 
+    def run_counts(self) -> dict[tuple[str, str], int]:
+        """Finished and running (not dry) runs by (kind, status)."""
+        return self.queries.run_counts(self.store.read())
+
     def runs(self, kind: str | None = None, limit: int = 20) -> list[JobRun]:
         return self.queries.runs(self.store.read(), kind, limit)

@@ -195,6 +195,15 @@ class JobQueries:
             (status, time.time(), json.dumps(summary, separators=(",", ":")), run_id),
         )
 
+    def run_counts(self, conn: Conn) -> dict[tuple[str, str], int]:
+        rows = conn.execute(
+            "SELECT kind, status, COUNT(*) FROM job_runs WHERE dry_run = 0 GROUP BY kind, status"
+        )
+        return {(row[0], row[1]): row[2] for row in rows}
+
+    def open_uploads(self, conn: Conn) -> int:
+        return int(conn.execute("SELECT COUNT(*) FROM uploads").fetchone()[0])
+
     def runs(self, conn: Conn, kind: str | None, limit: int) -> list[JobRun]:
         sql = "SELECT id, kind, dry_run, status, started_at, finished_at, summary FROM job_runs"
         params: list[object] = []

@@ -378,6 +378,9 @@ class Registry:
         """Check that the metadata and the stored bytes agree (``engine.fsck``)."""
         return fsck(self.store, self.backend, repair=repair, drop_dangling_tags=drop_dangling_tags)
 
+    def open_uploads(self) -> int:
+        return self.collection.queries.open_uploads(self.store.read())
+
     def usage(self) -> Usage:
         """Bytes per repository (referenced, unique, shared) and the store's dedup savings."""
         return measure(self.store)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def test_uploads_and_manifests_across_worker_processes(tmp_path: Path) -> None:
 
         with ThreadPoolExecutor(8) as pool:
             assert set(pool.map(put_manifest, range(40))) == {201}
+        time.sleep(1.5)  # access lines are written in batches, at least once a second
         pids = {
             json.loads(line)["pid"]
             for line in server.log().splitlines()
