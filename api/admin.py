@@ -1,4 +1,4 @@
-"""The admin API under /admin/: GC runs, their reports, and storage use.
+"""The admin API under /admin/: GC runs, their reports, storage use, and retention.
 
 Off unless ``admin.token`` is set; every request must carry ``Authorization: Bearer
 <token>`` (compared in constant time). Identities and per-user permissions replace
@@ -10,18 +10,27 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cargohold.config import parse_duration
+from cargohold.config import RetentionPolicy, parse_duration
 from cargohold.engine import Registry
 from cargohold.engine.jobs import JobAlreadyRunning
 from cargohold.gc import collect
+from cargohold.gc.retention import (
+    active_policies,
+    forget_stored_policies,
+    parse_policies,
+    run_retention,
+    store_policies,
+)
 
 
 class AdminRequestInvalid(Exception):
@@ -40,16 +49,26 @@ class GCDefaults:
 
 
 class AdminAPI:
-    def __init__(self, registry: Registry, token: str, gc_defaults: GCDefaults) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        token: str,
+        gc_defaults: GCDefaults,
+        retention_policies: Sequence[RetentionPolicy] = (),
+    ) -> None:
         self.registry = registry
         self._token = token.encode()
         self.gc_defaults = gc_defaults
+        self.configured_policies = list(retention_policies)  # the config file's
 
     def routes(self) -> list[Route]:
         return [
             Route("/admin/gc", self.run_gc, methods=["POST"]),
             Route("/admin/gc/runs", self.gc_runs, methods=["GET"]),
             Route("/admin/usage", self.usage, methods=["GET"]),
+            Route("/admin/retention/policies", self.retention_policies, methods=["GET", "PUT", "DELETE"]),
+            Route("/admin/retention/plan", self.retention_plan, methods=["POST"]),
+            Route("/admin/retention/apply", self.retention_apply, methods=["POST"]),
         ]
 
     def _authorized(self, request: Request) -> bool:
@@ -103,6 +122,50 @@ class AdminAPI:
                 ],
             }
         )
+
+    async def retention_policies(self, request: Request) -> Response:
+        """GET the policies in force; PUT {"policies": [...]} to override the config file's
+        (stored in the metadata store); DELETE to go back to the config file's."""
+        if not self._authorized(request):
+            return _error(401, "admin token required")
+        if request.method == "PUT":
+            try:
+                policies = parse_policies((await _json_body(request)).get("policies"))
+            except (AdminRequestInvalid, ValidationError) as exc:
+                return _error(400, str(exc))
+            await run_in_threadpool(store_policies, self.registry, policies)
+        elif request.method == "DELETE":
+            await run_in_threadpool(forget_stored_policies, self.registry)
+        policies, source = await run_in_threadpool(active_policies, self.registry, self.configured_policies)
+        return JSONResponse({"source": source, "policies": [p.model_dump(mode="json") for p in policies]})
+
+    async def retention_plan(self, request: Request) -> Response:
+        """A dry run of the policies in force, or of {"policies": [...]} to try before storing them."""
+        if not self._authorized(request):
+            return _error(401, "admin token required")
+        try:
+            trial = (await _json_body(request)).get("policies")
+            policies = parse_policies(trial) if trial is not None else None
+        except (AdminRequestInvalid, ValidationError) as exc:
+            return _error(400, str(exc))
+        return await self._run_retention(policies, dry_run=True)
+
+    async def retention_apply(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _error(401, "admin token required")
+        return await self._run_retention(None, dry_run=False)
+
+    async def _run_retention(self, policies: list[RetentionPolicy] | None, dry_run: bool) -> Response:
+        def run() -> dict[str, Any]:
+            chosen = policies
+            if chosen is None:
+                chosen = active_policies(self.registry, self.configured_policies)[0]
+            return run_retention(self.registry, chosen, dry_run=dry_run).summary()
+
+        try:
+            return JSONResponse(await run_in_threadpool(run))
+        except JobAlreadyRunning:
+            return _error(409, "a retention run is already going")
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

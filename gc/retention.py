@@ -66,7 +66,7 @@ from cargohold.gc.retention_rules import CompiledPolicy, Decision, judge
 LEASE = "retention"
 LEASE_TTL = 600.0
 RENEW_EVERY = 100  # decisions applied between lease renewals
-REPORT_LIMIT = 1000  # decisions kept in a run's report row
+REPORT_LIMIT = 1000  # decisions listed in a run's report row, so it stays small
 
 Progress = Callable[[str, int], None]
 
@@ -98,9 +98,12 @@ class RetentionReport:
         """The decisions carried out (on a dry run: those that would be)."""
         if self.dry_run:
             return list(self.plan.decisions)
-        return [d for d, outcome in zip(self.plan.decisions, self.outcomes, strict=True) if outcome == "deleted"]
+        return [
+            d for d, outcome in zip(self.plan.decisions, self.outcomes, strict=True) if outcome == "deleted"
+        ]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, limit: int | None = REPORT_LIMIT) -> dict[str, Any]:
+        """The report as JSON-ready data, listing at most ``limit`` decisions of each kind."""
         done = self.done()
         decisions = [asdict(d) for d in self.plan.decisions]
         for item, outcome in zip(decisions, self.outcomes, strict=False):
@@ -118,8 +121,8 @@ class RetentionReport:
             "changed_since_plan": self.outcomes.count("changed since plan"),
             "already_gone": self.outcomes.count("already gone"),
             "decisions_count": len(decisions),
-            "decisions": decisions[:REPORT_LIMIT],  # the report row stays small
-            "kept_decisions": [asdict(d) for d in self.plan.kept[:REPORT_LIMIT]],
+            "decisions": decisions[:limit],
+            "kept_decisions": [asdict(d) for d in self.plan.kept[:limit]],
         }
 
 
@@ -128,7 +131,11 @@ def _ignore(_step: str, _count: int) -> None:
 
 
 def plan_retention(
-    registry: Registry, policies: Sequence[RetentionPolicy], *, now: float | None = None, progress: Progress = _ignore
+    registry: Registry,
+    policies: Sequence[RetentionPolicy],
+    *,
+    now: float | None = None,
+    progress: Progress = _ignore,
 ) -> RetentionPlan:
     """Judge every repository some policy applies to; read-only."""
     now = time.time() if now is None else now

@@ -106,6 +106,10 @@ class _Graph:
             if subject in manifests and subject != digest:
                 self.subject[digest] = subject
         self.roles: dict[str, Role] = {d: self._role(m) for d, m in manifests.items()}
+        self.followers: dict[str, list[str]] = defaultdict(list)
+        for digest in sorted(manifests):
+            for relation in dict.fromkeys(self.relations(digest)):
+                self.followers[relation].append(digest)
 
     def _role(self, manifest: ManifestInfo) -> Role:
         # A referrer whose subject is absent stays a referrer: the GC's orphan rule owns it.
@@ -162,7 +166,11 @@ class _Judge:
             if keep.pushed_within is not None and pushed_at(manifest) >= self.now - keep.pushed_within:
                 return policy.rule(f"keep.pushed_within {_days(keep.pushed_within)}")
             pulled = pulled_at(manifest)
-            if keep.pulled_within is not None and pulled is not None and pulled >= self.now - keep.pulled_within:
+            if (
+                keep.pulled_within is not None
+                and pulled is not None
+                and pulled >= self.now - keep.pulled_within
+            ):
                 return policy.rule(f"keep.pulled_within {_days(keep.pulled_within)}")
         return None
 
@@ -226,27 +234,32 @@ class _Judge:
 
 
 def judge(repo: RepositoryInventory, policies: Sequence[CompiledPolicy], now: float) -> list[Decision]:
-    """Every decision for the repository: deletions in a safe order (an index before its
-    children, a subject before its referrers), then the candidates a keep rule saved."""
+    """Every decision for the repository: deletions first, each deleted manifest followed by
+    the dependents that go with it (a safe order: an index before its children, a subject
+    before its referrers), then the candidates a keep rule saved."""
     judge = _Judge(repo, policies, now)
     images = sorted(judge.images, key=lambda m: (pushed_at(m), m.digest))
-    decisions = [d for d in map(judge.image, images) if d is not None]
-    dead = {d.digest: d for d in decisions if d.action == "delete manifest"}
-    settled = {d.digest for d in decisions}
-    dependents = sorted(d for d, role in judge.graph.roles.items() if role != "image")
-    # Dependents die in rounds, each once everything it follows is dead: the order of
-    # ``decisions`` is then a safe deletion order.
-    progress = True
-    while progress:
-        progress = False
-        for digest in dependents:
-            relations = judge.graph.relations(digest)
-            if digest in settled or not relations or not all(r in dead for r in relations):
-                continue
-            decision = judge.dependent(repo.manifests[digest], dead[relations[0]])
-            decisions.append(decision)
-            settled.add(digest)
-            if decision.action == "delete manifest":
-                dead[digest] = decision
-                progress = True
-    return [d for d in decisions if d.action != "keep"] + [d for d in decisions if d.action == "keep"]
+    verdicts = [d for d in map(judge.image, images) if d is not None]
+    deletions: list[Decision] = []
+    kept = [d for d in verdicts if d.action == "keep"]
+    dead: dict[str, Decision] = {}
+
+    def delete(decision: Decision) -> None:
+        deletions.append(decision)
+        if decision.action != "delete manifest":
+            return
+        dead[decision.digest] = decision
+        for follower in judge.graph.followers[decision.digest]:
+            relations = judge.graph.relations(follower)
+            if follower not in dead and all(r in dead for r in relations):
+                leader = dead[judge.graph.subject.get(follower, decision.digest)]
+                verdict = judge.dependent(repo.manifests[follower], leader)
+                if verdict.action == "keep":
+                    kept.append(verdict)
+                else:
+                    delete(verdict)
+
+    for verdict in verdicts:
+        if verdict.action != "keep":
+            delete(verdict)
+    return deletions + kept
