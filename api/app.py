@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cargohold.api.accesslog import AccessLog
+from cargohold.api.accesslog import AccessLineBuffer, AccessLog
 from cargohold.api.admin import AdminAPI, GCDefaults
 from cargohold.api.distribution import DistributionAPI
 from cargohold.api.errors import HANDLERS
@@ -22,6 +22,7 @@ from cargohold.config import RetentionPolicy
 from cargohold.engine import Registry
 from cargohold.engine.activity import FLUSH_INTERVAL_SECONDS
 from cargohold.engine.errors import RegistryError
+from cargohold.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("cargohold.api")
 
@@ -53,6 +54,7 @@ def create_app(
     retention_policies: Sequence[RetentionPolicy] = (),
     on_startup: Sequence[Callable[[], object]] = (),
     on_shutdown: Sequence[Callable[[], object]] = (),
+    metrics: Callable[[], bytes] | None = None,
 ) -> AccessLog:
     api = DistributionAPI(
         registry,
@@ -72,11 +74,14 @@ def create_app(
             return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    access_lines = AccessLineBuffer()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for hook in on_startup:
             await run_in_threadpool(hook)
         chores = [
+            asyncio.create_task(_every(1.0, access_lines.flush, "access log flush")),
             asyncio.create_task(_every(FLUSH_INTERVAL_SECONDS, registry.activity.flush, "activity flush")),
             asyncio.create_task(_every(UPLOAD_SWEEP_SECONDS, registry.expire_uploads, "upload expiry")),
         ]
@@ -88,6 +93,7 @@ def create_app(
             for hook in on_shutdown:
                 await run_in_threadpool(hook)
             await run_in_threadpool(registry.activity.flush)
+            access_lines.flush()
 
     routes = [
         Route("/v2/", api.base, methods=["GET", "HEAD"]),
@@ -96,8 +102,14 @@ def create_app(
         Route("/healthz", live, methods=["GET", "HEAD"]),
         Route("/readyz", ready, methods=["GET", "HEAD"]),
     ]
+    if metrics is not None:
+
+        async def scrape(request: Request) -> Response:
+            return Response(await run_in_threadpool(metrics), media_type=METRICS_CONTENT_TYPE)
+
+        routes.append(Route("/metrics", scrape, methods=["GET"]))
     if admin_token:
         admin = AdminAPI(registry, admin_token, gc_defaults or GCDefaults(), retention_policies)
         routes.extend(admin.routes())
     app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
-    return AccessLog(app, log_format)
+    return AccessLog(app, log_format, access_lines)
