@@ -66,6 +66,7 @@ class AdminAPI:
             Route("/admin/gc", self.run_gc, methods=["POST"]),
             Route("/admin/gc/runs", self.gc_runs, methods=["GET"]),
             Route("/admin/usage", self.usage, methods=["GET"]),
+            Route("/admin/read-only", self.read_only, methods=["GET", "PUT"]),
             Route("/admin/retention/policies", self.retention_policies, methods=["GET", "PUT", "DELETE"]),
             Route("/admin/retention/plan", self.retention_plan, methods=["POST"]),
             Route("/admin/retention/apply", self.retention_apply, methods=["POST"]),
@@ -105,6 +106,24 @@ class AdminAPI:
             return _error(400, "limit must be a positive integer")
         runs = await run_in_threadpool(self.registry.jobs.runs, "gc", min(int(limit), 1000))
         return JSONResponse([dataclasses.asdict(run) for run in runs])
+
+    async def read_only(self, request: Request) -> Response:
+        """GET: is the registry read-only? PUT {"enabled": true|false|null}: switch it for
+        every process (null goes back to the config file's value)."""
+        if not self._authorized(request):
+            return _error(401, "admin token required")
+        switch = self.registry.read_only
+        if request.method == "PUT":
+            try:
+                enabled = (await _json_body(request)).get("enabled", "missing")
+            except AdminRequestInvalid as exc:
+                return _error(400, str(exc))
+            if enabled not in (True, False, None):
+                return _error(400, 'send {"enabled": true}, {"enabled": false} or {"enabled": null}')
+            await run_in_threadpool(switch.set, enabled)
+        return JSONResponse(
+            {"read_only": await run_in_threadpool(switch.enabled), "config_default": switch.default}
+        )
 
     async def usage(self, request: Request) -> Response:
         if not self._authorized(request):

@@ -227,3 +227,30 @@ def test_race_pushes_deletes_and_gc_without_grace(tmp_path: Path) -> None:
     assert check_data_dir(data_dir) == []
     print(f"race: {counters} live={len(live)} deleted={len(deleted)}")
     assert counters["pushed"] > 50 and counters["gc_runs"] > 10 and len(deleted) > 10
+
+
+def test_read_only_switch_through_the_admin_api(tmp_path: Path) -> None:
+    env = {"CARGOHOLD_ADMIN__TOKEN": TOKEN, "CARGOHOLD_WORKERS": "2"}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with (
+        RegistryProcess(data_dir=tmp_path / "data", env=env) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        blob = b"kept readable"
+        client.post("/v2/ro/app/blobs/uploads/", params={"digest": sha256(blob)}, content=blob)
+        assert client.put("/admin/read-only", json={"enabled": True}).status_code == 401
+        assert client.put("/admin/read-only", json={"enabled": "yes"}, headers=auth).status_code == 400
+        assert (
+            client.put("/admin/read-only", json={"enabled": True}, headers=auth).json()["read_only"] is True
+        )
+        time.sleep(1.2)  # every worker re-reads the switch within a second
+        for _ in range(4):  # whichever worker answers
+            refused = client.post("/v2/ro/app/blobs/uploads/")
+            assert refused.status_code == 405 and refused.json()["errors"][0]["code"] == "UNSUPPORTED"
+            assert "read-only" in refused.json()["errors"][0]["message"]
+            assert client.get(f"/v2/ro/app/blobs/{sha256(blob)}").content == blob
+        assert (
+            client.put("/admin/read-only", json={"enabled": None}, headers=auth).json()["read_only"] is False
+        )
+        time.sleep(1.2)
+        assert client.post("/v2/ro/app/blobs/uploads/").status_code == 202
