@@ -287,6 +287,44 @@ def du(as_json: bool) -> None:
     )
 
 
+@main.command("scrub")
+@click.option("--full", is_flag=True, help="Recompute digests instead of comparing xxh3 checksums.")
+@click.option("--rate", help="Read at most this much a second (e.g. 50MiB); default: scrub.rate.")
+@click.option("--max-duration", help="Stop after this long (e.g. 10m); the next run resumes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def scrub_command(full: bool, rate: str | None, max_duration: str | None, as_json: bool) -> None:
+    """Re-read stored blobs; quarantine any whose bytes do not match. Exit 1 if damage was found."""
+    import json
+
+    from cargohold.config import parse_duration, parse_size
+    from cargohold.engine.jobs import JobAlreadyRunning
+
+    settings = load_settings()
+    try:
+        report = _open_registry().scrub(
+            full=full,
+            rate_bytes_per_second=parse_size(rate) if rate else settings.scrub.rate,
+            max_seconds=parse_duration(max_duration) if max_duration else settings.scrub.max_duration,
+        )
+    except JobAlreadyRunning:
+        raise click.ClickException("another scrub is running") from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report.summary(), indent=2))
+    else:
+        for bad in report.quarantined:
+            click.echo(f"QUARANTINED {bad['digest']} {bad['reason']}")
+        for bad in report.unreadable:
+            click.echo(f"UNREADABLE  {bad['digest']} {bad['error']}")
+        state = "pass complete" if report.pass_completed else "stopped; the next run resumes"
+        click.echo(
+            f"{'full' if full else 'fast'} scrub: {report.blobs_checked} blobs, "
+            f"{_size(report.bytes_read)} read, {len(report.quarantined)} quarantined ({state})"
+        )
+    sys.exit(1 if report.quarantined or report.unreadable else 0)
+
+
 @main.command("fsck")
 @click.option("--repair", is_flag=True, help="Fix what is safe: counters, expired uploads, GC queue.")
 @click.option("--drop-dangling-tags", is_flag=True, help="With --repair: delete tags naming no manifest.")

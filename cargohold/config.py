@@ -218,6 +218,34 @@ class RetentionSettings(BaseModel):
         return value
 
 
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b?|b)?\s*(/s)?\s*", re.IGNORECASE)
+
+
+def parse_size(value: object) -> float:
+    """Bytes from a number or a string such as ``50MB``, ``1.5GiB``, ``20MiB/s``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = _SIZE.fullmatch(str(value))
+    if match is None:
+        raise ValueError(f"not a size: {value!r} (use e.g. 50MiB, 1GB)")
+    unit = (match.group(2) or "").lower()
+    base = 1024 if "i" in unit else 1000
+    power = "bkmgt".index(unit[0]) if unit else 0
+    return float(match.group(1)) * base**power
+
+
+ByteSize = Annotated[float, BeforeValidator(parse_size), Field(ge=0)]
+
+
+class ScrubSettings(BaseModel):
+    """Re-reading stored bytes. Without schedules it runs only from the CLI."""
+
+    schedule: str | None = None  # the fast pass (xxh3 checksums), e.g. "0 * * * *"
+    full_schedule: str | None = None  # the full pass (digests), e.g. "0 4 * * 0"
+    rate: ByteSize = 50 * 1024 * 1024  # bytes read per second at most (0: unlimited)
+    max_duration: Duration | None = None  # a run stops after this and resumes next time
+
+
 class AdminSettings(BaseModel):
     """The admin API under /admin/; off unless a bearer token is set."""
 
@@ -249,6 +277,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     gc: GCSettings = GCSettings()
     retention: RetentionSettings = RetentionSettings()
+    scrub: ScrubSettings = ScrubSettings()
     admin: AdminSettings = AdminSettings()
 
     @field_validator("address")

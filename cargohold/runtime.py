@@ -117,6 +117,21 @@ def _scheduler_hooks(
                 lambda: run_retention(registry, active_policies(registry, configured)[0]),
             )
         )
+    scrub = settings.scrub
+    for name, crontab, full in (("scrub", scrub.schedule, False), ("scrub-full", scrub.full_schedule, True)):
+        if crontab:
+            jobs.append(
+                ScheduledJob(
+                    name,
+                    crontab,
+                    functools.partial(
+                        registry.scrub,
+                        full=full,
+                        rate_bytes_per_second=scrub.rate,
+                        max_seconds=scrub.max_duration,
+                    ),
+                )
+            )
     running: list[object] = []
 
     def start() -> None:

@@ -201,11 +201,15 @@ class MetadataStore:
         If another copy of the digest is already live, ours is redundant (returned, for
         the caller to delete). If the digest is being deleted (tombstoned), our copy
         revives it: the old copy's key is already queued in doomed_objects, and since every
-        copy has its own key, deleting it can never touch ours.
+        copy has its own key, deleting it can never touch ours. A quarantined (corrupt)
+        copy is queued for deletion when ours replaces it.
         """
         existing = self.blob(conn, digest)
         if existing is not None and existing.state == "live":
             return storage_key
+        if existing is not None and existing.state == "quarantined":
+            # A healthy copy replaces a corrupt one: the corrupt copy can go now.
+            self.queue_object_deletion(conn, existing.storage_key, digest, now)
         if existing is None:
             conn.execute(
                 "INSERT INTO blobs (digest, storage_key, size, state, checksum, created_at, touched_at) "

@@ -140,6 +140,29 @@ class JobQueries:
         ).fetchone()
         return row[0], row[1]
 
+    # -- scrub ------------------------------------------------------------------------------
+    def blobs_after(self, conn: Conn, cursor: str, limit: int) -> list[tuple[str, str, int, str | None]]:
+        """(digest, key, size, checksum) of live blobs after ``cursor`` in digest order."""
+        return conn.execute(
+            "SELECT digest, storage_key, size, checksum FROM blobs WHERE state = 'live' AND digest > ? "
+            "ORDER BY digest LIMIT ?",
+            (cursor, limit),
+        ).fetchall()
+
+    def record_checksum(self, conn: Conn, digest: str, key: str, checksum: str) -> None:
+        conn.execute(
+            "UPDATE blobs SET checksum = ? WHERE digest = ? AND storage_key = ? AND checksum IS NULL",
+            (checksum, digest, key),
+        )
+
+    def quarantine(self, conn: Conn, digest: str, key: str) -> bool:
+        """Take a corrupt copy out of service, if the row still names that copy."""
+        cur = conn.execute(
+            "UPDATE blobs SET state = 'quarantined' WHERE digest = ? AND storage_key = ? AND state = 'live'",
+            (digest, key),
+        )
+        return cur.rowcount == 1
+
     # -- leases ---------------------------------------------------------------------------
     def acquire_lease(self, conn: Conn, name: str, owner: str, ttl: float, now: float) -> bool:
         """Take or renew the lease ``name``; False while someone else holds it."""

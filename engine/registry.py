@@ -46,6 +46,7 @@ from cargohold.engine.maintenance import ReadOnlySwitch
 from cargohold.engine.manifests import parse_manifest
 from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow
 from cargohold.engine.names import check_name, check_tag
+from cargohold.engine.scrub import ScrubReport, scrub
 from cargohold.engine.uploads import UploadSessions, UploadState, backend_call
 from cargohold.engine.usage import Usage, measure
 
@@ -377,6 +378,23 @@ class Registry:
     def fsck(self, *, repair: bool = False, drop_dangling_tags: bool = False) -> FsckReport:
         """Check that the metadata and the stored bytes agree (``engine.fsck``)."""
         return fsck(self.store, self.backend, repair=repair, drop_dangling_tags=drop_dangling_tags)
+
+    def scrub(
+        self, *, full: bool = False, rate_bytes_per_second: float = 0.0, max_seconds: float | None = None
+    ) -> ScrubReport:
+        """Re-read stored bytes against their checksums (or digests); quarantine bad copies."""
+        with self.jobs.exclusive("scrub", ttl=3600):
+            run_id = self.jobs.start_run("scrub", False)
+            report = scrub(
+                self.store,
+                self.backend,
+                full=full,
+                rate_bytes_per_second=rate_bytes_per_second,
+                max_seconds=max_seconds,
+            )
+            status = "succeeded" if not (report.quarantined or report.unreadable) else "found-damage"
+            self.jobs.finish_run(run_id, status, report.summary())
+        return report
 
     def open_uploads(self) -> int:
         return self.collection.queries.open_uploads(self.store.read())
