@@ -325,6 +325,48 @@ def scrub_command(full: bool, rate: str | None, max_duration: str | None, as_jso
     sys.exit(1 if report.quarantined or report.unreadable else 0)
 
 
+@main.command("backup")
+@click.option("--list", "list_only", is_flag=True, help="List the snapshots in the store instead.")
+def backup_command(list_only: bool) -> None:
+    """Snapshot the metadata (online, consistent) into the storage backend."""
+    from cargohold.engine.backup import list_backups
+
+    settings = load_settings()
+    registry = _open_registry()
+    if list_only:
+        for info in list_backups(registry.backend):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.modified))
+            click.echo(f"{info.key}  {_size(info.size):>10}  {when}")
+        return
+    result = registry.backup(settings.backup.keep)
+    click.echo(f"backed up to {result.key} ({_size(result.size)}, {result.seconds:.1f}s)")
+    for key in result.removed:
+        click.echo(f"removed old snapshot {key}")
+
+
+@main.command("restore")
+@click.option("--key", help="The snapshot to restore (default: the newest).")
+@click.option("--yes", is_flag=True, help="Confirm: the registry is stopped and may be restored.")
+def restore_command(key: str | None, yes: bool) -> None:
+    """Rebuild the metadata from a snapshot plus the stored blobs (the registry must be stopped)."""
+    from cargohold.engine.backup import restore
+    from cargohold.runtime import open_backend
+
+    settings = load_settings()
+    if not yes:
+        raise click.UsageError("stop the registry first, then run again with --yes")
+    restored = restore(open_backend(settings), settings.metadata_path, key)
+    click.echo(f"restored the metadata from {restored}; checking it against the stored blobs...")
+    report = _open_registry().fsck(repair=True)
+    for finding in report.findings:
+        state = "repaired" if finding.repaired else "FOUND"
+        click.echo(f"{state:<8} {finding.kind:<18} {finding.subject} {finding.detail}")
+    click.echo(
+        "blobs pushed after the snapshot are leaks the GC reclaims; blobs deleted after it were "
+        "quarantined and answer 404 until pushed again"
+    )
+
+
 @main.command("fsck")
 @click.option("--repair", is_flag=True, help="Fix what is safe: counters, expired uploads, GC queue.")
 @click.option("--drop-dangling-tags", is_flag=True, help="With --repair: delete tags naming no manifest.")

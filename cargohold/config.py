@@ -246,6 +246,13 @@ class ScrubSettings(BaseModel):
     max_duration: Duration | None = None  # a run stops after this and resumes next time
 
 
+class BackupSettings(BaseModel):
+    """Metadata snapshots in the backend. Without a schedule: ``cargohold backup`` only."""
+
+    schedule: str | None = None  # e.g. "30 * * * *"
+    keep: int = Field(7, ge=1, le=1000)
+
+
 class AdminSettings(BaseModel):
     """The admin API under /admin/; off unless a bearer token is set."""
 
@@ -278,6 +285,7 @@ class Settings(BaseSettings):
     gc: GCSettings = GCSettings()
     retention: RetentionSettings = RetentionSettings()
     scrub: ScrubSettings = ScrubSettings()
+    backup: BackupSettings = BackupSettings()
     admin: AdminSettings = AdminSettings()
 
     @field_validator("address")

@@ -132,6 +132,12 @@ def _scheduler_hooks(
                     ),
                 )
             )
+    if settings.backup.schedule:
+        jobs.append(
+            ScheduledJob(
+                "backup", settings.backup.schedule, functools.partial(registry.backup, settings.backup.keep)
+            )
+        )
     running: list[object] = []
 
     def start() -> None:

@@ -2,8 +2,8 @@
 
 What "consistent" means (and what each finding's ``kind`` names):
 
-``missing_object``       a live blob row whose stored object is gone (unrepairable here:
-                         the blob must be pushed again; the scrubber quarantines it)
+``missing_object``       a live blob row whose stored object is gone; repair quarantines the
+                         row (it answers 404, so clients push the blob again)
 ``size_mismatch``        the stored object's size differs from the row's
 ``refcount``             a blob's manifest_refs or repo_links differ from the rows they count
 ``dangling_reference``   a manifest references a blob or child manifest that is not there
@@ -31,6 +31,7 @@ from cargohold.backends.base import Backend, BackendError, ObjectNotFound
 from cargohold.engine.collection import Collection
 from cargohold.engine.metadata import MetadataStore
 from cargohold.engine.metadata_fsck import FsckQueries
+from cargohold.engine.metadata_jobs import JobQueries
 from cargohold.engine.uploads import UploadSessions
 
 IN_FLIGHT_SECONDS = 60.0  # an unnamed object younger than this may be a commit about to be recorded
@@ -76,7 +77,7 @@ def fsck(
 ) -> FsckReport:
     report = FsckReport()
     queries = FsckQueries()
-    _check_objects(store, backend, queries, report, workers)
+    _check_objects(store, backend, report, repair, workers)
     _check_rows(store, backend, queries, report, repair, drop_dangling_tags)
     _check_leaks(store, backend, queries, report, repair, leak_grace_seconds)
     report.finished_at = time.time()
@@ -84,9 +85,9 @@ def fsck(
 
 
 def _check_objects(
-    store: MetadataStore, backend: Backend, queries: FsckQueries, report: FsckReport, workers: int
+    store: MetadataStore, backend: Backend, report: FsckReport, repair: bool, workers: int
 ) -> None:
-    blobs = list(queries.live_blobs(store.read()))
+    blobs = list(FsckQueries().live_blobs(store.read()))
     report.blobs_checked = len(blobs)
 
     def stat(item: tuple[str, str, int]) -> Finding | None:
@@ -102,7 +103,18 @@ def _check_objects(
         return None
 
     with ThreadPoolExecutor(workers) as pool:
-        report.findings.extend(f for f in pool.map(stat, blobs) if f is not None)
+        found = [f for f in pool.map(stat, blobs) if f is not None]
+    if repair:
+        keys = {digest: key for digest, key, _size in blobs}
+        with store.write() as conn:
+            for finding in found:
+                if finding.kind == "missing_object" and JobQueries(store).quarantine(
+                    conn, finding.subject, keys[finding.subject]
+                ):
+                    finding = Finding(finding.kind, finding.subject, finding.detail + "; quarantined", True)
+                report.findings.append(finding)
+    else:
+        report.findings.extend(found)
 
 
 def _check_rows(

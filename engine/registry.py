@@ -12,6 +12,7 @@ Invariants kept here (see the design notes):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from cargohold.backends.base import (
     PresignedURLs,
 )
 from cargohold.engine.activity import ActivityRecorder
+from cargohold.engine.backup import BackupResult, backup
 from cargohold.engine.collection import Collection
 from cargohold.engine.digests import digest_bytes, is_digest, parse_digest
 from cargohold.engine.errors import (
@@ -395,6 +397,14 @@ class Registry:
             status = "succeeded" if not (report.quarantined or report.unreadable) else "found-damage"
             self.jobs.finish_run(run_id, status, report.summary())
         return report
+
+    def backup(self, keep: int = 7) -> BackupResult:
+        """A consistent snapshot of the metadata, stored in the backend (``engine.backup``)."""
+        with self.jobs.exclusive("backup", ttl=3600):
+            run_id = self.jobs.start_run("backup", False)
+            result = backup(self.store, self.backend, keep)
+            self.jobs.finish_run(run_id, "succeeded", dataclasses.asdict(result))
+        return result
 
     def open_uploads(self) -> int:
         return self.collection.queries.open_uploads(self.store.read())
