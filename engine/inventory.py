@@ -19,16 +19,18 @@ engine keeps the invariants:
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from cargohold.engine.maintenance import ReadOnlySwitch
 from cargohold.engine.metadata import MetadataStore
+from cargohold.engine.metadata_jobs import JobQueries
 from cargohold.engine.metadata_retention import RetentionQueries
 
 Outcome = Literal["deleted", "changed since plan", "already gone"]
+POLICIES_SETTING = "retention.policies"  # the admin_settings row of the stored policies
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +63,9 @@ class RepositoryInventory:
 
 
 class Inventory:
-    def __init__(self, store: MetadataStore) -> None:
+    def __init__(self, store: MetadataStore, read_only: ReadOnlySwitch) -> None:
         self.store = store
+        self.read_only = read_only  # read-only mode refuses these deletions like any other write
         self.queries = RetentionQueries(store)
 
     def repositories(self) -> list[str]:
@@ -130,6 +133,7 @@ class Inventory:
         Changed means: it carries a tag the plan did not list, an index lists it, or
         ``subject`` (the manifest it followed as a referrer) is still there.
         """
+        self.read_only.check()
         with self.store.write() as conn:
             repo_id = self.store.repository_id(conn, repository)
             if repo_id is None or not self.store.has_manifest(conn, repo_id, digest):
@@ -145,6 +149,7 @@ class Inventory:
 
     def delete_tag(self, repository: str, tag: str, digest: str) -> Outcome:
         """Delete the tag if it still names ``digest``."""
+        self.read_only.check()
         with self.store.write() as conn:
             repo_id = self.store.repository_id(conn, repository)
             if repo_id is None:
@@ -161,15 +166,18 @@ class StoredPolicies:
 
     def __init__(self, store: MetadataStore) -> None:
         self.store = store
-        self.queries = RetentionQueries(store)
+        self.queries = JobQueries(store)
 
     def get(self) -> str | None:
-        return self.queries.stored_policies(self.store.read())
+        return self.queries.admin_setting(self.store.read(), POLICIES_SETTING)
 
     def put(self, document: str) -> None:
         with self.store.write() as conn:
-            self.queries.store_policies(conn, document, time.time())
+            self.queries.set_admin_setting(conn, POLICIES_SETTING, document)
 
     def forget(self) -> bool:
+        """Go back to the config file's policies; False if none were stored."""
         with self.store.write() as conn:
-            return self.queries.forget_policies(conn)
+            stored = self.queries.admin_setting(conn, POLICIES_SETTING) is not None
+            self.queries.set_admin_setting(conn, POLICIES_SETTING, None)
+        return stored

@@ -1,6 +1,5 @@
 """SQL for retention: a repository's manifests, tags and index edges, the blob references
-that say what deleting manifests would free, compare-and-delete steps, and the policies
-an admin stored.
+that say what deleting manifests would free, and the re-checks of compare-and-delete.
 
 Part of the metadata layer (all SQL lives in ``metadata*.py`` and the migrations); the
 engine's ``inventory`` module turns these rows into its read model.
@@ -12,8 +11,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from cargohold.engine.metadata import Conn, MetadataStore
-
-POLICIES = "retention.policies"  # the admin_settings row of the stored policies
 
 
 def _marks(items: Sequence[object]) -> str:
@@ -113,18 +110,3 @@ class RetentionQueries:
             (repository_id, tag, digest),
         )
         return cur.rowcount == 1
-
-    # -- policies stored through the admin API --------------------------------------------------
-    def stored_policies(self, conn: Conn) -> str | None:
-        row = conn.execute("SELECT value FROM admin_settings WHERE name = ?", (POLICIES,)).fetchone()
-        return row[0] if row else None
-
-    def store_policies(self, conn: Conn, document: str, now: float) -> None:
-        conn.execute(
-            "INSERT INTO admin_settings (name, value, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            (POLICIES, document, now),
-        )
-
-    def forget_policies(self, conn: Conn) -> bool:
-        return conn.execute("DELETE FROM admin_settings WHERE name = ?", (POLICIES,)).rowcount == 1

@@ -18,7 +18,9 @@ Rules (each key of ``keep`` and ``delete`` is one rule; any one that matches is 
     ``delete.tags``: the matching tags go; the manifest goes with them when every one of
     its tags matched, otherwise only those tags go (action "delete tags").
     ``delete.older_than``: an image pushed longer ago goes, with all its tags.
-    ``delete.untagged_older_than``: an untagged image whose manifest is older goes.
+    ``delete.untagged_older_than``: an untagged image whose manifest is older goes (set it
+    well above how long a push takes: a multi-arch push sends its platform manifests,
+    untagged images until their index arrives, first).
     An image a delete rule matches is a *candidate*; it stays, untouched with all its
     tags, if a keep rule matches it (keep beats delete, and decides for the whole
     manifest): ``keep.tags`` (one of its tags matches), ``keep.last_pushed`` /
@@ -47,7 +49,8 @@ Apply
     missing manifest. Each deletion re-checks in its transaction: a manifest that gained
     a tag, that an index lists, or whose subject is still there is skipped ("changed
     since plan"), and so, then, are its dependents; a tag goes only while it still names
-    the planned manifest. Runs hold the "retention" lease and write a report.
+    the planned manifest. Runs hold the "retention" lease and write a report (kind
+    "retention"); read-only mode refuses an apply, not a dry run.
 """
 
 from __future__ import annotations
@@ -61,11 +64,11 @@ from typing import Any
 from cargohold.config import RetentionPolicy, RetentionSettings
 from cargohold.engine import Registry
 from cargohold.engine.inventory import Inventory, Outcome, StoredPolicies
+from cargohold.engine.jobs import JobAlreadyRunning
 from cargohold.gc.retention_rules import CompiledPolicy, Decision, judge
 
 LEASE = "retention"
-LEASE_TTL = 600.0
-RENEW_EVERY = 100  # decisions applied between lease renewals
+LEASE_TTL = 120.0  # renewed as the run goes on
 REPORT_LIMIT = 1000  # decisions listed in a run's report row, so it stays small
 
 Progress = Callable[[str, int], None]
@@ -98,8 +101,9 @@ class RetentionReport:
         """The decisions carried out (on a dry run: those that would be)."""
         if self.dry_run:
             return list(self.plan.decisions)
+        # A run that stopped midway has fewer outcomes than decisions: the rest was not done.
         return [
-            d for d, outcome in zip(self.plan.decisions, self.outcomes, strict=True) if outcome == "deleted"
+            d for d, outcome in zip(self.plan.decisions, self.outcomes, strict=False) if outcome == "deleted"
         ]
 
     def summary(self, limit: int | None = REPORT_LIMIT) -> dict[str, Any]:
@@ -140,7 +144,7 @@ def plan_retention(
     """Judge every repository some policy applies to; read-only."""
     now = time.time() if now is None else now
     compiled = [CompiledPolicy(policy) for policy in policies]
-    inventory = Inventory(registry.store)
+    inventory = Inventory(registry.store, registry.read_only)
     plan = RetentionPlan(now, [policy.name for policy in policies])
     for name in inventory.repositories():
         applicable = [policy for policy in compiled if policy.applies_to(name)]
@@ -158,10 +162,16 @@ def plan_retention(
     return plan
 
 
-def apply_plan(registry: Registry, plan: RetentionPlan, progress: Progress = _ignore) -> list[Outcome]:
-    """Carry out the plan's decisions in order; one outcome per decision."""
-    inventory = Inventory(registry.store)
-    outcomes: list[Outcome] = []
+def apply_plan(
+    registry: Registry,
+    plan: RetentionPlan,
+    progress: Progress = _ignore,
+    outcomes: list[Outcome] | None = None,
+) -> list[Outcome]:
+    """Carry out the plan's decisions in order; one outcome per decision, appended to
+    ``outcomes`` as each is done (so a run that stops midway still reports what it did)."""
+    inventory = Inventory(registry.store, registry.read_only)
+    outcomes = [] if outcomes is None else outcomes
     for decision in plan.decisions:
         outcomes.append(_apply(inventory, decision))
         progress("apply", 1)
@@ -189,13 +199,16 @@ def run_retention(
     """Plan, and apply unless ``dry_run``, under the retention lease (``JobAlreadyRunning``
     if another run holds it); the report is also written to the job ledger."""
     report = RetentionReport(dry_run, RetentionPlan(time.time(), [p.name for p in policies]))
+    if not dry_run:
+        registry.read_only.check()  # maintenance means no deletes either (``ReadOnly``)
     with registry.jobs.exclusive(LEASE, ttl=LEASE_TTL):
         run_id = registry.jobs.start_run("retention", dry_run)
         status = "failed"
         try:
-            report.plan = plan_retention(registry, policies, now=now, progress=progress)
+            tick = _renewing(registry, progress)
+            report.plan = plan_retention(registry, policies, now=now, progress=tick)
             if not dry_run:
-                report.outcomes = apply_plan(registry, report.plan, _renewing(registry, progress))
+                apply_plan(registry, report.plan, tick, report.outcomes)
             status = "succeeded"
         finally:
             report.finished_at = time.time()
@@ -204,15 +217,17 @@ def run_retention(
 
 
 def _renewing(registry: Registry, progress: Progress) -> Progress:
-    """Renew the lease as a long apply goes on, so no second runner starts meanwhile."""
-    applied = 0
+    """Renew the lease as a long run goes on, so no second runner starts meanwhile; stop
+    (``JobAlreadyRunning``) if another runner took it over after all."""
+    renewed = time.monotonic()
 
     def tick(step: str, count: int) -> None:
-        nonlocal applied
+        nonlocal renewed
         progress(step, count)
-        applied += count
-        if applied % RENEW_EVERY == 0:
-            registry.jobs.acquire(LEASE, LEASE_TTL)
+        if time.monotonic() - renewed >= LEASE_TTL / 4:
+            if not registry.jobs.acquire(LEASE, LEASE_TTL):
+                raise JobAlreadyRunning(LEASE)
+            renewed = time.monotonic()
 
     return tick
 

@@ -69,7 +69,8 @@ class CompiledPolicy:
         return f"{self.policy.name}: {text}"
 
 
-def _days(seconds: float) -> str:
+def _duration(seconds: float) -> str:
+    """``14d`` rather than ``1209600.0``, for the rule names in a plan."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
@@ -164,14 +165,14 @@ class _Judge:
             if keep.last_pulled and self.pull_rank.get(manifest.digest, keep.last_pulled) < keep.last_pulled:
                 return policy.rule(f"keep.last_pulled {keep.last_pulled}")
             if keep.pushed_within is not None and pushed_at(manifest) >= self.now - keep.pushed_within:
-                return policy.rule(f"keep.pushed_within {_days(keep.pushed_within)}")
+                return policy.rule(f"keep.pushed_within {_duration(keep.pushed_within)}")
             pulled = pulled_at(manifest)
             if (
                 keep.pulled_within is not None
                 and pulled is not None
                 and pulled >= self.now - keep.pulled_within
             ):
-                return policy.rule(f"keep.pulled_within {_days(keep.pulled_within)}")
+                return policy.rule(f"keep.pulled_within {_duration(keep.pulled_within)}")
         return None
 
     def doomed_tags(self, manifest: ManifestInfo) -> dict[str, str]:
@@ -189,10 +190,10 @@ class _Judge:
         for policy in self.policies:
             delete = policy.policy.delete
             if delete.older_than is not None and pushed_at(manifest) < self.now - delete.older_than:
-                return policy.rule(f"delete.older_than {_days(delete.older_than)}")
+                return policy.rule(f"delete.older_than {_duration(delete.older_than)}")
             limit = delete.untagged_older_than
             if limit is not None and not manifest.tags and manifest.pushed_at < self.now - limit:
-                return policy.rule(f"delete.untagged_older_than {_days(limit)}")
+                return policy.rule(f"delete.untagged_older_than {_duration(limit)}")
         return None
 
     def image(self, manifest: ManifestInfo) -> Decision | None:
@@ -237,9 +238,9 @@ def judge(repo: RepositoryInventory, policies: Sequence[CompiledPolicy], now: fl
     """Every decision for the repository: deletions first, each deleted manifest followed by
     the dependents that go with it (a safe order: an index before its children, a subject
     before its referrers), then the candidates a keep rule saved."""
-    judge = _Judge(repo, policies, now)
-    images = sorted(judge.images, key=lambda m: (pushed_at(m), m.digest))
-    verdicts = [d for d in map(judge.image, images) if d is not None]
+    court = _Judge(repo, policies, now)
+    images = sorted(court.images, key=lambda m: (pushed_at(m), m.digest))
+    verdicts = [d for d in map(court.image, images) if d is not None]
     deletions: list[Decision] = []
     kept = [d for d in verdicts if d.action == "keep"]
     dead: dict[str, Decision] = {}
@@ -249,11 +250,11 @@ def judge(repo: RepositoryInventory, policies: Sequence[CompiledPolicy], now: fl
         if decision.action != "delete manifest":
             return
         dead[decision.digest] = decision
-        for follower in judge.graph.followers[decision.digest]:
-            relations = judge.graph.relations(follower)
+        for follower in court.graph.followers[decision.digest]:
+            relations = court.graph.relations(follower)
             if follower not in dead and all(r in dead for r in relations):
-                leader = dead[judge.graph.subject.get(follower, decision.digest)]
-                verdict = judge.dependent(repo.manifests[follower], leader)
+                leader = dead[court.graph.subject.get(follower, decision.digest)]
+                verdict = court.dependent(repo.manifests[follower], leader)
                 if verdict.action == "keep":
                     kept.append(verdict)
                 else:

@@ -14,8 +14,10 @@ import pytest
 
 from cargohold.config import RetentionPolicy
 from cargohold.engine import Registry
+from cargohold.engine.errors import ReadOnly
 from cargohold.engine.inventory import Inventory
 from cargohold.engine.jobs import JobAlreadyRunning
+from cargohold.gc import retention
 from cargohold.gc.retention import (
     active_policies,
     apply_plan,
@@ -115,7 +117,7 @@ def policy(
 
 def contents(registry: Registry, repo: str) -> dict[str, set[str]]:
     """digest -> tags, for every manifest of the repository."""
-    manifests = Inventory(registry.store).repository(repo).manifests
+    manifests = Inventory(registry.store, registry.read_only).repository(repo).manifests
     return {digest: set(m.tag_names) for digest, m in manifests.items()}
 
 
@@ -461,6 +463,41 @@ def test_only_one_run_at_a_time(registry: Registry) -> None:
         run_retention(other, MIXED)
     registry.jobs.release("retention")
     assert run_retention(other, MIXED, dry_run=True).finished_at is not None
+
+
+def test_a_run_that_lost_its_lease_stops_and_reports_what_it_did(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(3):
+        push(registry, "app", f"pr-{i}")
+    monkeypatch.setattr(retention, "LEASE_TTL", 0.0)  # renew at every step
+
+    def taken_over(step: str, _count: int) -> None:
+        if step == "apply":  # another node takes the lease after the first deletion
+            with registry.store.write() as conn:
+                conn.execute(
+                    "UPDATE leases SET owner = 'elsewhere:1:x', expires_at = ? WHERE name = 'retention'",
+                    (time.time() + 60,),
+                )
+
+    with pytest.raises(JobAlreadyRunning):
+        run_retention(registry, [policy(delete={"tags": ["pr-*"]})], progress=taken_over)
+    run = registry.jobs.runs("retention")[0]
+    assert (run.status, run.summary["manifests_deleted"], run.summary["decisions_count"]) == ("failed", 1, 3)
+    assert len(contents(registry, "app")) == 2
+
+
+def test_read_only_mode_refuses_apply_but_not_a_dry_run(registry: Registry) -> None:
+    doomed = push(registry, "app", "pr-1")
+    registry.read_only.set(True)
+    policies = [policy(delete={"tags": ["pr-*"]})]
+    with pytest.raises(ReadOnly):
+        run_retention(registry, policies)
+    plan = run_retention(registry, policies, dry_run=True).plan
+    assert deleted(plan.decisions) == {doomed: "delete manifest"}
+    with pytest.raises(ReadOnly):
+        apply_plan(registry, plan)
+    assert doomed in contents(registry, "app")
 
 
 def test_policies_stored_by_an_admin_override_the_configured_ones(registry: Registry) -> None:
