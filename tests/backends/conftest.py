@@ -16,9 +16,10 @@ from types import ModuleType
 import pytest
 
 from cargohold.backends import Backend
-from tests.backends.stores import filesystem
+from tests.backends.stores import filesystem, gcs
+from tests.backends.stores.gcs import gcs_server  # noqa: F401  (registers the session fixture)
 
-STORES: dict[str, ModuleType] = {"filesystem": filesystem}
+STORES: dict[str, ModuleType] = {"filesystem": filesystem, "gcs": gcs}
 _selected = os.environ.get("CARGOHOLD_TEST_BACKENDS")
 NAMES = [name for name in STORES if _selected is None or name in _selected.split(",")]
 
