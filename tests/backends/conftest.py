@@ -16,11 +16,12 @@ from types import ModuleType
 import pytest
 
 from cargohold.backends import Backend
-from tests.backends.stores import azure, filesystem, gcs
+from tests.backends.stores import azure, filesystem, gcs, s3
 from tests.backends.stores.azure import azure_server  # noqa: F401  (registers the session fixture)
 from tests.backends.stores.gcs import gcs_server  # noqa: F401  (registers the session fixture)
+from tests.backends.stores.s3 import s3_server  # noqa: F401  (registers the session fixture)
 
-STORES: dict[str, ModuleType] = {"filesystem": filesystem, "gcs": gcs, "azure": azure}
+STORES: dict[str, ModuleType] = {"filesystem": filesystem, "s3": s3, "gcs": gcs, "azure": azure}
 _selected = os.environ.get("CARGOHOLD_TEST_BACKENDS")
 NAMES = [name for name in STORES if _selected is None or name in _selected.split(",")]
 
