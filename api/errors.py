@@ -69,12 +69,24 @@ def error_response(exc: e.RegistryError, headers: dict[str, str] | None = None) 
     )
 
 
+def _came_with_a_body(request: Request) -> bool:
+    """An error may interrupt a request body mid-way (a 503 from the store, a 416 before
+    any byte is read); the rest is then still on the wire, so the connection is closed
+    rather than reused. Closing after a body that was read whole costs only a reconnect."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return False
+    length = request.headers.get("content-length", "0")
+    return length not in ("", "0") or "transfer-encoding" in request.headers
+
+
 async def registry_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, e.RegistryError)
-    headers = None
+    headers: dict[str, str] = {}
     if isinstance(exc, e.RangeInvalid) and exc.upload_offset is not None:
         # An out-of-order chunk: tell the client where the upload stands so it can resume.
         headers = {"Location": request.url.path, "Range": f"0-{max(exc.upload_offset - 1, 0)}"}
+    if _came_with_a_body(request):
+        headers["Connection"] = "close"
     return error_response(exc, headers)
 
 

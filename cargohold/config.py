@@ -72,7 +72,8 @@ class S3Storage(BaseModel):
     sse_kms_key_id: str | None = None
     part_size: int = Field(16 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)
     connect_timeout: float = Field(5.0, gt=0)
-    read_timeout: float = Field(60.0, gt=0)
+    # A store that accepts a connection and then says nothing must not hold a request for minutes.
+    read_timeout: float = Field(30.0, gt=0)
     max_attempts: int = Field(5, ge=1, le=20)
 
 
@@ -87,6 +88,8 @@ class GCSStorage(BaseModel):
     chunk_size: int = Field(16 * MiB, ge=256 * 1024)
     timeout: float = Field(60.0, gt=0)
     max_attempts: int = Field(5, ge=1, le=20)
+    # The JSON API's base URL (an emulator, a private endpoint); STORAGE_EMULATOR_HOST also works.
+    endpoint: str | None = None
 
 
 class AzureStorage(BaseModel):
@@ -295,6 +298,13 @@ class Settings(BaseSettings):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("address must be HOST:PORT")
         return value
+
+    @model_validator(mode="after")
+    def _uploads_outlive_no_staged_bytes(self) -> Settings:
+        # Azure discards uncommitted blocks after 7 days: a session may not live longer.
+        if self.storage.backend == "azure" and self.uploads.expiry_hours >= 168:
+            raise ValueError("uploads.expiry_hours must be under 168 on Azure (uncommitted blocks expire)")
+        return self
 
     @property
     def host(self) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 from cargohold.backends.base import (
     Backend,
+    BackendError,
     LocalPaths,
     ObjectNotFound,
     PresignedURLs,
@@ -212,9 +213,7 @@ class Registry:
         if blob is not None:
             key = blob.storage_key
             path = self._local_paths.local_path(key) if self._local_paths is not None else None
-            url = None
-            if self._presigner is not None:
-                url = backend_call(self._presigner.presigned_url, key, self.limits.redirect_expiry_seconds)
+            url = self._redirect_url(key) if self._presigner is not None else None
             return BlobReader(digest, blob.size, path, lambda s, e: self._read_object(key, s, e), url)
         # A manifest is content-addressed too; some clients fetch it through the blob route.
         manifest = self.store.manifest(self.store.read(), repository, digest, with_data=True)
@@ -222,6 +221,16 @@ class Registry:
             data = manifest.data
             return BlobReader(digest, len(data), None, lambda s, e: iter((data[s:e],)))
         raise BlobUnknown(detail={"digest": digest})
+
+    def _redirect_url(self, key: str) -> str | None:
+        """A signed URL for the client, or None to stream the bytes ourselves: a store that
+        cannot sign (anonymous or identity-based credentials) must not turn pulls into 503s."""
+        assert self._presigner is not None
+        try:
+            return self._presigner.presigned_url(key, self.limits.redirect_expiry_seconds)
+        except BackendError as exc:
+            log.warning("cannot sign a redirect for %s (%s); streaming instead", key, exc)
+            return None
 
     def delete_blob(self, repository: str, digest: str) -> None:
         self.read_only.check()

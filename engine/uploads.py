@@ -50,6 +50,14 @@ class StoredBlob:
     size: int
 
 
+def staged_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """A call on an open staged upload: its bytes having vanished means the session is gone."""
+    try:
+        return backend_call(fn, *args)
+    except ObjectNotFound:
+        raise BlobUploadUnknown("the staged bytes of this upload are gone; start again") from None
+
+
 def backend_call(fn: Callable[..., Any], *args: Any) -> Any:
     """Call the backend; a store failure becomes a 503 for the client, not a 500."""
     try:
@@ -98,7 +106,7 @@ class UploadSessions:
         row = self._session(repository, upload_id)
         with self._open(row) as writer:
             hasher = self._receive(writer, row, chunks, start, length)
-            token = backend_call(writer.flush)
+            token = staged_call(writer.flush)
             self._acknowledge(row, writer.size, token, hasher)
         return UploadState(row.id, repository, writer.size)
 
@@ -116,13 +124,13 @@ class UploadSessions:
         row = self._session(repository, upload_id)
         with self._open(row) as writer:
             hasher = self._receive(writer, row, chunks, start, length)
-            backend_call(writer.flush)
+            staged_call(writer.flush)
             actual, checksum = hasher.finish()
             committed = False
             if expected.algorithm != row.algorithm:
                 # The client announced one algorithm and finished with another: commit the
                 # bytes to their key (invisible: no row names it yet) and hash them there.
-                backend_call(writer.commit, {"digest": str(expected)})
+                staged_call(writer.commit, {"digest": str(expected)})
                 committed, checksum = True, None
                 actual = hash_stream(expected.algorithm, backend_call(self.backend.read, row.storage_key))
             if actual != str(expected):
@@ -154,7 +162,7 @@ class UploadSessions:
                 backend_call(self.backend.abort_staged, row.storage_key)
             return
         if writer is not None:
-            backend_call(writer.commit, {"digest": blob.digest})
+            staged_call(writer.commit, {"digest": blob.digest})
         with self.store.write() as conn:
             # Someone may have stored the digest meanwhile: then our copy is the redundant one.
             redundant = self.store.store_blob(conn, blob.digest, row.storage_key, blob.size, checksum, now)
@@ -225,7 +233,7 @@ class UploadSessions:
             if length is not None and received + len(chunk) > length:
                 raise SizeInvalid("request body is longer than its declared length")
             hasher.update(chunk)
-            backend_call(writer.write, chunk)
+            staged_call(writer.write, chunk)
             received += len(chunk)
         if length is not None and received != length:
             raise SizeInvalid(f"expected {length} bytes, received {received}")
