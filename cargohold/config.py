@@ -256,6 +256,92 @@ class BackupSettings(BaseModel):
     keep: int = Field(7, ge=1, le=1000)
 
 
+class EventSettings(BaseModel):
+    """The outbox: every push, tag move and delete writes an event (replication and webhooks read them)."""
+
+    keep: Duration = 7 * 86400.0  # events every consumer has handled are pruned once this old
+    pull_sample_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of pulls recorded as events (0: off)
+
+
+class ReplicationTarget(BaseModel):
+    """A remote registry speaking the distribution API (another cargohold, Distribution, a cloud one).
+
+    ``username``/``password`` answer either challenge a registry may send: Basic, or the
+    Docker bearer-token flow (the credentials go to the token realm named by the 401).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    url: str = Field(pattern=r"^https?://[^/]+/?$")  # scheme and host[:port]
+    username: str | None = None
+    password: str | None = None
+    password_env: str | None = None  # or the name of an environment variable holding it
+    tls_verify: bool = True
+    concurrency: int = Field(4, ge=1, le=64)  # jobs working on this target at once
+    rate_limit: ByteSize = 0  # bytes per second sent to (or read from) this target; 0: unlimited
+    timeout: Duration = 60.0  # per request (connect, and between bytes)
+
+    def secret(self) -> str | None:
+        return os.environ.get(self.password_env) if self.password_env else self.password
+
+
+class ReplicationRule(BaseModel):
+    """What to copy, which way. Push: changes here go to ``target`` as they happen (and on
+    ``schedule``, a reconcile pass repairs drift). Pull: ``target``'s repositories are
+    mirrored here on ``schedule``. The receiving side is the source of truth's copy: its tags
+    are moved to the source's digests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    direction: Literal["push", "pull"] = "push"
+    target: str
+    repositories: list[str] = Field(min_length=1)  # globs on the source side (`*` one level, `**` any)
+    tags: list[TagPattern] = ["*"]  # globs or re:<regex>
+    artifact_types: list[str] = []  # tagged manifests of these types only (empty: all)
+    include_referrers: bool = True  # signatures, SBOMs... of what is copied
+    referrer_types: list[str] = []  # referrers of these artifact types only (empty: all)
+    propagate_deletes: bool = False
+    target_prefix: str = ""  # prepended to the repository name on the receiving side
+    schedule: str | None = None  # crontab: pull rules mirror then, push rules reconcile then
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_fields(cls, value: str | None) -> str | None:
+        return GCSettings._five_fields(value)
+
+
+class ReplicationSettings(BaseModel):
+    """Cross-region replication. Absent: off, and nothing of it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(4, ge=1, le=64)  # jobs running at once in the process holding the lease
+    poll_interval: Duration = 1.0  # how often new events are looked for
+    max_attempts: int = Field(8, ge=1, le=1000)  # then the job goes to the dead letters
+    backoff: Duration = 5.0  # delay before the first retry; doubles with each attempt
+    backoff_max: Duration = 3600.0
+    chunk_size: ByteSize = 16 * MiB  # large blobs go in PATCHes of this size (resumable)
+    job_lease: Duration = 120.0  # a running job whose runner vanished is retried after this
+    keep_done: Duration = 86400.0  # finished jobs are kept this long for inspection
+    targets: list[ReplicationTarget] = []
+    rules: list[ReplicationRule] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReplicationSettings:
+        targets = [target.name for target in self.targets]
+        rules = [rule.name for rule in self.rules]
+        if len(set(targets)) != len(targets) or len(set(rules)) != len(rules):
+            raise ValueError("replication target and rule names must be unique")
+        for rule in self.rules:
+            if rule.target not in targets:
+                raise ValueError(f"replication rule {rule.name!r} names an unknown target {rule.target!r}")
+        if self.chunk_size < 64 * 1024:
+            raise ValueError("replication.chunk_size must be at least 64KiB")
+        return self
+
+
 class AdminSettings(BaseModel):
     """The admin API under /admin/; off unless a bearer token is set."""
 
@@ -290,6 +376,8 @@ class Settings(BaseSettings):
     scrub: ScrubSettings = ScrubSettings()
     backup: BackupSettings = BackupSettings()
     admin: AdminSettings = AdminSettings()
+    events: EventSettings = EventSettings()
+    replication: ReplicationSettings | None = None
 
     @field_validator("address")
     @classmethod

@@ -54,6 +54,7 @@ def open_registry(settings: Settings) -> Registry:
         redirect_pulls=settings.storage.redirect_pulls,
         redirect_expiry_seconds=settings.storage.redirect_expiry_seconds,
         read_only=settings.read_only,
+        pull_event_sample_rate=settings.events.pull_sample_rate,
     )
     return Registry(
         MetadataStore(settings.metadata_path), InstrumentedBackend(open_backend(settings)), limits

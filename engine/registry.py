@@ -43,6 +43,7 @@ from cargohold.engine.errors import (
     NameUnknown,
     StorageUnavailable,
 )
+from cargohold.engine.events import EventLog
 from cargohold.engine.fsck import FsckReport, fsck
 from cargohold.engine.jobs import JobLedger
 from cargohold.engine.maintenance import ReadOnlySwitch
@@ -67,6 +68,7 @@ class RegistryLimits:
     redirect_pulls: bool = False
     redirect_expiry_seconds: int = 1200
     read_only: bool = False  # the config's default; the admin API can switch it at run time
+    pull_event_sample_rate: float = 0.0  # share of manifest pulls recorded as events (0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ class Registry:
         self.collection = Collection(store, backend)
         self.jobs = JobLedger(store)
         self.read_only = ReadOnlySwitch(store, self.limits.read_only)
+        self.events = EventLog(store, self.limits.pull_event_sample_rate)
         self._local_paths = backend if isinstance(backend, LocalPaths) else None
         self._presigner = (
             backend if isinstance(backend, PresignedURLs) and self.limits.redirect_pulls else None
@@ -297,6 +300,8 @@ class Registry:
                 raise ManifestBlobUnknown(
                     "index references an unknown manifest", detail={"digest": missing[0]}
                 )
+            # The outbox row commits (or rolls back) with the change it describes.
+            self.events.record_push(conn, repo_id, repository, new, unique_tags, now)
             self.store.insert_manifest(conn, repo_id, new, now)
             for tag in unique_tags:
                 self.store.set_tag(conn, repo_id, tag, digest, now)
@@ -311,7 +316,10 @@ class Registry:
                     detail={"digest": descriptor.digest, "size": descriptor.size, "stored": blob.size},
                 )
 
-    def get_manifest(self, repository: str, reference: str, with_data: bool = True) -> Manifest:
+    def get_manifest(
+        self, repository: str, reference: str, with_data: bool = True, *, record_pull: bool = True
+    ) -> Manifest:
+        """``record_pull=False`` for the registry's own reads (replication): they are not pulls."""
         check_name(repository)
         conn = self.store.read()
         if is_digest(reference):
@@ -323,8 +331,9 @@ class Registry:
             row = self.store.tagged_manifest(conn, repository, tag, with_data)
         if row is None:
             raise ManifestUnknown(detail={"reference": reference})
-        if with_data:
+        if with_data and record_pull:
             self.activity.manifest_pulled(repository, row.digest, tag)
+            self.events.record_pull(repository, row.digest, tag, row.media_type)
         return Manifest(row.digest, row.media_type, row.size, row.data)
 
     def delete_manifest(self, repository: str, reference: str, *, force: bool = False) -> None:
@@ -346,6 +355,7 @@ class Registry:
             repo_id = self.store.repository_id(conn, repository)
             if repo_id is None:
                 raise NameUnknown(detail={"name": repository})
+            self.events.record_delete(conn, repo_id, repository, reference, by_digest, time.time())
             if by_digest:
                 deleted = self.store.delete_manifest(conn, repo_id, reference)
             else:

@@ -23,6 +23,13 @@
     leases (name PK, owner, expires_at)                   one runner of a job across processes/nodes
     job_runs (id, kind, dry_run, status, started_at, finished_at, summary)   GC/retention reports
     admin_settings (name PK, value, updated_at)          set through the admin API, e.g. retention policies
+    events (id AUTOINCREMENT, created_at, action, repository, digest, tag, media_type,
+            artifact_type, subject)   the outbox, written in the same transaction as the change
+    event_cursors (consumer PK, last_id, updated_at)     how far each consumer has read
+    replication_jobs (id, rule, repository, kind, name, state, attempts, next_attempt_at, owner,
+                      lease_expires_at, progress, last_error, ...)   durable replication work
+    replication_stats (rule PK, bytes_sent, bytes_skipped, ...)       per-rule counters
+    replication_blobs (target, digest, repository)       where a digest was sent (cross-repo mounts)
 
 Refcounts: ``blobs.manifest_refs`` = rows of manifest_references (kind 'blob') naming the
 digest, in any repository; ``blobs.repo_links`` = rows of repository_blobs. Both change
@@ -199,7 +206,86 @@ def _v4_admin_settings(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v1_initial, _v2_portable_uploads, _v3_collection, _v4_admin_settings]
+def _v5_events(db: sqlite_utils.Database) -> None:
+    """The outbox: one row per change, written in the change's own transaction; consumer cursors."""
+    # AUTOINCREMENT: an id is never reused after pruning, so a consumer's cursor stays meaningful.
+    db.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL, "
+        "action TEXT NOT NULL, repository TEXT NOT NULL, digest TEXT, tag TEXT, media_type TEXT, "
+        "artifact_type TEXT, subject TEXT)"
+    )
+    db.execute("CREATE INDEX events_created_at ON events (created_at)")
+    db.create_table(
+        "event_cursors",
+        {"consumer": str, "last_id": int, "updated_at": float},
+        pk="consumer",
+        not_null={"last_id", "updated_at"},
+    )
+
+
+def _v6_replication(db: sqlite_utils.Database) -> None:
+    """Replication: durable jobs (one per object to bring in line), per-rule counters, and
+    where each digest was last sent on each target (for cross-repository mounts)."""
+    db.execute(
+        "CREATE TABLE replication_jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT NOT NULL, "
+        "repository TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, digest TEXT, event_id INTEGER, "
+        "created_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending', "
+        "attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, owner TEXT, "
+        "lease_expires_at REAL, progress TEXT, last_error TEXT, "
+        "bytes_sent INTEGER NOT NULL DEFAULT 0, bytes_skipped INTEGER NOT NULL DEFAULT 0, "
+        "updated_at REAL NOT NULL, finished_at REAL)"
+    )
+    # At most one pending job per object: a burst of events for one tag is one job.
+    db.execute(
+        "CREATE UNIQUE INDEX replication_jobs_pending ON replication_jobs (rule, repository, kind, name) "
+        "WHERE state = 'pending'"
+    )
+    db.execute("CREATE INDEX replication_jobs_state ON replication_jobs (state, next_attempt_at)")
+    db.execute("CREATE INDEX replication_jobs_rule ON replication_jobs (rule, state, created_at)")
+    db.create_table(
+        "replication_stats",
+        {
+            "rule": str,
+            "direction": str,
+            "target": str,
+            "bytes_sent": int,
+            "bytes_skipped": int,
+            "blobs_sent": int,
+            "blobs_skipped": int,
+            "manifests_sent": int,
+            "tags_moved": int,
+            "failures": int,
+            "last_success_at": float,
+            "last_error": str,
+            "last_error_at": float,
+        },
+        pk="rule",
+        defaults={
+            "bytes_sent": 0,
+            "bytes_skipped": 0,
+            "blobs_sent": 0,
+            "blobs_skipped": 0,
+            "manifests_sent": 0,
+            "tags_moved": 0,
+            "failures": 0,
+        },
+    )
+    db.create_table(
+        "replication_blobs",
+        {"target": str, "digest": str, "repository": str, "recorded_at": float},
+        pk=("target", "digest"),
+        not_null={"repository", "recorded_at"},
+    )
+
+
+MIGRATIONS: list[Migration] = [
+    _v1_initial,
+    _v2_portable_uploads,
+    _v3_collection,
+    _v4_admin_settings,
+    _v5_events,
+    _v6_replication,
+]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 
 
