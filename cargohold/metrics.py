@@ -14,7 +14,8 @@ Metric names:
   cargohold_backend_errors_total{operation}
   cargohold_blobs_stored, cargohold_stored_bytes, cargohold_logical_bytes,
   cargohold_dedup_savings_bytes, cargohold_upload_sessions_open,
-  cargohold_job_runs_total{kind,status},
+  cargohold_job_runs_total{kind,status}, cargohold_blobs_quarantined,
+  cargohold_scrub_last_run_{blobs_checked,bytes_read},
   cargohold_last_job_run_{duration_seconds,bytes_freed,objects_deleted}{kind}
 """
 
@@ -155,6 +156,23 @@ class StoreCollector:
                 objects = run.summary.get("blobs_deleted", 0) + run.summary.get("leaks_deleted", 0)
                 last_objects.add_metric([kind], objects or run.summary.get("manifests_deleted", 0))
         yield from (runs, last_duration, last_bytes, last_objects)
+        yield from self._scrub_families()
+
+    def _scrub_families(self) -> Iterator[Any]:
+        """Scrub progress (the last run's blobs and bytes read) and the damage it found."""
+        checked = GaugeMetricFamily("cargohold_scrub_last_run_blobs_checked", "Blobs the last scrub re-read")
+        read = GaugeMetricFamily("cargohold_scrub_last_run_bytes_read", "Bytes the last scrub re-read")
+        recent = [run for run in self.registry.jobs.runs("scrub", 1) if run.finished_at]
+        if recent:
+            checked.add_metric([], recent[0].summary.get("blobs_checked", 0))
+            read.add_metric([], recent[0].summary.get("bytes_read", 0))
+        yield checked
+        yield read
+        yield GaugeMetricFamily(
+            "cargohold_blobs_quarantined",
+            "Blobs taken out of service (corrupt or missing bytes)",
+            value=self.registry.quarantined_blobs(),
+        )
 
 
 class InstrumentedBackend:

@@ -224,6 +224,9 @@ class JobQueries:
         )
         return {(row[0], row[1]): row[2] for row in rows}
 
+    def quarantined_blobs(self, conn: Conn) -> int:
+        return int(conn.execute("SELECT COUNT(*) FROM blobs WHERE state = 'quarantined'").fetchone()[0])
+
     def open_uploads(self, conn: Conn) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM uploads").fetchone()[0])
 

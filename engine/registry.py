@@ -425,6 +425,9 @@ class Registry:
             self.jobs.finish_run(run_id, "succeeded", dataclasses.asdict(result))
         return result
 
+    def quarantined_blobs(self) -> int:
+        return self.collection.queries.quarantined_blobs(self.store.read())
+
     def open_uploads(self) -> int:
         return self.collection.queries.open_uploads(self.store.read())
 
