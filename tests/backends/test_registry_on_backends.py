@@ -139,3 +139,27 @@ def test_store_failure_mid_push_then_recovery(store_name: str, request: pytest.F
             assert client.get("/readyz").status_code == 200
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("store_name", CLOUD)
+def test_pull_redirects_to_a_signed_url(store_name: str, request: pytest.FixtureRequest) -> None:
+    """With redirect_pulls on, a blob GET answers 307 to a short-lived signed URL on the store
+    (where the credentials can sign; otherwise the registry streams it itself)."""
+    env = {**STORES[store_name].store_env(request), "CARGOHOLD_STORAGE__REDIRECT_PULLS": "true"}
+    blob = os.urandom(3 * MiB + 1)
+    with RegistryProcess(env=env) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        assert (
+            client.post(
+                "/v2/redir/app/blobs/uploads/", params={"digest": sha256(blob)}, content=blob
+            ).status_code
+            == 201
+        )
+        first = client.get(f"/v2/redir/app/blobs/{sha256(blob)}")
+        signs = store_name != "gcs"  # the GCS emulator runs with anonymous credentials: no signing key
+        assert first.status_code == (307 if signs else 200)
+        if signs:
+            assert first.headers["docker-content-digest"] == sha256(blob)
+            assert "/v2/" not in first.headers["location"]  # the store's URL, not ours
+            assert httpx.get(first.headers["location"], timeout=60).content == blob
+        else:
+            assert first.content == blob
