@@ -1,4 +1,4 @@
-"""The admin API under /admin/: GC runs, their reports, storage use, and retention.
+"""The admin API under /admin/: GC runs, their reports, storage use, retention, replication status.
 
 Off unless ``admin.token`` is set; every request must carry ``Authorization: Bearer
 <token>`` (compared in constant time). Identities and per-user permissions replace
@@ -31,6 +31,7 @@ from cargohold.gc.retention import (
     run_retention,
     store_policies,
 )
+from cargohold.replication.status import replication_status
 
 
 class AdminRequestInvalid(Exception):
@@ -70,6 +71,7 @@ class AdminAPI:
             Route("/admin/retention/policies", self.retention_policies, methods=["GET", "PUT", "DELETE"]),
             Route("/admin/retention/plan", self.retention_plan, methods=["POST"]),
             Route("/admin/retention/apply", self.retention_apply, methods=["POST"]),
+            Route("/admin/replication/status", self.replication_status, methods=["GET"]),
         ]
 
     def _authorized(self, request: Request) -> bool:
@@ -173,6 +175,13 @@ class AdminAPI:
         if not self._authorized(request):
             return _error(401, "admin token required")
         return await self._run_retention(None, dry_run=False)
+
+    async def replication_status(self, request: Request) -> Response:
+        """Per replication rule: lag, job counts, bytes sent and skipped, failures."""
+        if not self._authorized(request):
+            return _error(401, "admin token required")
+        rules = await run_in_threadpool(replication_status, self.registry)
+        return JSONResponse({"rules": rules})
 
     async def _run_retention(self, policies: list[RetentionPolicy] | None, dry_run: bool) -> Response:
         def run() -> dict[str, Any]:

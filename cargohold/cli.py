@@ -250,6 +250,106 @@ def _retention(dry_run: bool, as_json: bool, show_kept: bool) -> None:
         click.echo(f"{summary['changed_since_plan']} skipped: changed since the plan", err=True)
 
 
+@main.group()
+def replicate() -> None:
+    """Replication to and from other registries (the replication: section of the config)."""
+
+
+def _replication():  # type: ignore[no-untyped-def]
+    from cargohold.replication import ReplicationService
+
+    settings = load_settings()
+    if settings.replication is None:
+        raise click.ClickException("replication is not configured (no replication: section)")
+    service = ReplicationService(
+        _open_registry(), settings.replication, event_keep_seconds=settings.events.keep
+    )
+    return settings, service
+
+
+@replicate.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def replicate_status(as_json: bool) -> None:
+    """Per rule: lag, jobs by state, bytes sent and skipped (dedup), failures."""
+    import json
+
+    from cargohold.replication import replication_status
+
+    settings = load_settings()
+    rules = settings.replication.rules if settings.replication is not None else []
+    report = replication_status(_open_registry(), rules)
+    if as_json:
+        click.echo(json.dumps({"rules": report}, indent=2))
+        return
+    click.echo(
+        f"{'RULE':<20} {'DIR':<4} {'TARGET':<12} {'LAG':>8} {'PENDING':>7} {'DEAD':>5} "
+        f"{'SENT':>10} {'SKIPPED':>10} {'FAILURES':>8}"
+    )
+    for rule in report:
+        jobs = rule["jobs"]
+        click.echo(
+            f"{rule['rule']:<20} {rule['direction']:<4} {rule['target'] or '-':<12} "
+            f"{rule['lag_seconds']:>7.1f}s {jobs['pending'] + jobs['running']:>7} {jobs['dead']:>5} "
+            f"{_size(rule['bytes_sent']):>10} {_size(rule['bytes_skipped']):>10} {rule['failures']:>8}"
+        )
+        if rule["last_error"]:
+            click.echo(f"  last error: {rule['last_error'][:200]}")
+
+
+@replicate.command("run")
+@click.argument("rule")
+@click.option("--no-wait", is_flag=True, help="Only enqueue the differences; the server's worker copies.")
+@click.option("--timeout", type=float, help="Stop copying after this many seconds (jobs stay queued).")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+def replicate_run(rule: str, no_wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Reconcile RULE: compare tags and digests on both sides, queue and copy what differs."""
+    import json
+
+    from cargohold.engine.jobs import JobAlreadyRunning
+
+    _settings, service = _replication()
+    if rule not in service.rules:
+        raise click.BadParameter(f"no replication rule named {rule!r}", param_hint="RULE")
+    failure = None
+    try:
+        reconciled = service.reconcile(rule).summary()
+    except JobAlreadyRunning:
+        raise click.ClickException(f"a reconcile of {rule} is already running") from None
+    except Exception as exc:  # the remote side is unreachable, refuses the credentials...
+        reconciled, failure = None, f"reconcile of {rule} failed: {type(exc).__name__}: {exc}"
+    # Jobs already queued (from events, or an earlier run) are run even if the compare failed.
+    drained = None if no_wait else service.drain([rule], timeout=timeout).summary()
+    service.close()
+    if as_json:
+        click.echo(json.dumps({"reconcile": reconciled, "error": failure, "run": drained}, indent=2))
+    else:
+        if reconciled is not None:
+            click.echo(
+                f"{rule}: {reconciled['repositories']} repositories, {reconciled['tags_compared']} tags "
+                f"compared, {reconciled['in_sync']} in sync, {reconciled['jobs_enqueued']} jobs queued"
+            )
+        if drained is not None:
+            click.echo(
+                f"ran {drained['jobs_run']} jobs: {drained['succeeded']} done, {drained['failed']} failed; "
+                f"{drained['waiting']} still open, {drained['dead']} dead"
+            )
+            for error in drained["errors"][:10]:
+                click.echo(f"  {error}", err=True)
+    if failure is not None:
+        click.echo(failure, err=True)
+    if failure is not None or (drained is not None and (drained["dead"] or drained["waiting"])):
+        sys.exit(1)
+
+
+@replicate.command("retry")
+@click.argument("rule")
+def replicate_retry(rule: str) -> None:
+    """Give RULE's dead jobs another round of attempts."""
+    _settings, service = _replication()
+    click.echo(f"{service.retry_dead(rule)} dead jobs of {rule} queued again")
+    service.close()
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def du(as_json: bool) -> None:

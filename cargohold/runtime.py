@@ -139,15 +139,35 @@ def _scheduler_hooks(
                 "backup", settings.backup.schedule, functools.partial(registry.backup, settings.backup.keep)
             )
         )
+    replication = None
+    if settings.replication is not None:
+        from cargohold.replication import ReplicationService
+
+        replication = ReplicationService(
+            registry, settings.replication, event_keep_seconds=settings.events.keep
+        )
+        for rule in settings.replication.rules:
+            if rule.schedule:  # pull rules mirror, push rules reconcile (under a lease per rule)
+                jobs.append(
+                    ScheduledJob(
+                        f"replication-{rule.name}",
+                        rule.schedule,
+                        functools.partial(replication.reconcile, rule.name),
+                    )
+                )
     running: list[object] = []
 
     def start() -> None:
         scheduler = start_scheduler(jobs)
         if scheduler is not None:
             running.append(scheduler)
+        if replication is not None:
+            replication.start()  # works only while this process holds the replication lease
 
     def stop() -> None:
         for scheduler in running:
             scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
+        if replication is not None:
+            replication.stop()
 
     return start, stop

@@ -228,6 +228,26 @@ class ReplicationQueries:
         )
         return cur.rowcount
 
+    def release(self, conn: Conn, job_id: int, owner: str, now: float) -> bool:
+        """Hand one running job back (its runner is stopping); its progress is kept."""
+        cur = conn.execute(
+            "UPDATE OR REPLACE replication_jobs SET state = 'pending', owner = NULL, "
+            "attempts = MAX(attempts - 1, 0), next_attempt_at = ?, updated_at = ? "
+            "WHERE id = ? AND owner = ? AND state = 'running'",
+            (now, now, job_id, owner),
+        )
+        return cur.rowcount == 1
+
+    def open_jobs(self, conn: Conn, rules: Sequence[str]) -> int:
+        """Pending or running jobs of ``rules``."""
+        marks = ",".join("?" * len(rules)) or "NULL"
+        row = conn.execute(
+            "SELECT COUNT(*) FROM replication_jobs WHERE state IN ('pending', 'running') "
+            f"AND rule IN ({marks})",
+            tuple(rules),
+        ).fetchone()
+        return int(row[0])
+
     def checkpoint(
         self,
         conn: Conn,

@@ -1,0 +1,145 @@
+"""Registry authentication as an ``httpx.Auth``: Basic, or the Docker bearer-token flow.
+
+A request goes out with the credentials last known to work for its repository. On a
+401 the challenge decides: ``Basic`` → retry with the username and password;
+``Bearer realm=...,service=...,scope=...`` → fetch a token from the realm (with the
+credentials as Basic, or anonymously) and retry with it. Tokens are cached per
+repository with their expiry and refreshed before they lapse, because a request with a
+streamed body (a chunk of a blob) cannot be sent twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import httpx
+
+_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+_REPOSITORY = re.compile(r"^/v2/(.+?)/(?:blobs|manifests|tags|referrers)/")
+REFRESH_MARGIN_SECONDS = 15.0
+
+
+class AuthFailed(Exception):
+    """The token realm refused the credentials or answered nonsense."""
+
+
+@dataclass
+class Challenge:
+    scheme: str
+    params: dict[str, str]
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme:
+        return None
+    params = {
+        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+        for m in _PARAM.finditer(rest)
+    }
+    return Challenge(scheme.lower(), params)
+
+
+def scope_key(url: httpx.URL) -> str:
+    """Tokens are scoped to a repository; the key is the repository the path names."""
+    match = _REPOSITORY.match(url.path)
+    return match.group(1) if match else ""
+
+
+def replayable(request: httpx.Request) -> bool:
+    return isinstance(request.stream, httpx.ByteStream)
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+    challenge: Challenge
+
+
+class RegistryAuth(httpx.Auth):
+    def __init__(
+        self,
+        username: str | None,
+        password: str | None,
+        *,
+        verify: bool = True,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._credentials = (username, password or "") if username else None
+        self._basic_header = (
+            "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode() if username else ""
+        )
+        self._basic = False  # the registry asked for Basic once: send it up front from then on
+        self._tokens: dict[str, _Token] = {}
+        self._lock = threading.Lock()
+        self._token_http = httpx.Client(verify=verify, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._token_http.close()
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        key = scope_key(request.url)
+        self._authorize(request, key)
+        response = yield request
+        if response.status_code != 401:
+            return
+        challenge = parse_challenge(response.headers.get("www-authenticate", ""))
+        if challenge is None:
+            return
+        if challenge.scheme == "basic" and self._credentials is not None:
+            self._basic = True
+            self._apply_basic(request)
+        elif challenge.scheme == "bearer" and "realm" in challenge.params:
+            token = self._fetch_token(challenge)
+            with self._lock:
+                self._tokens[key] = token
+            request.headers["Authorization"] = f"Bearer {token.value}"
+        else:
+            return
+        if replayable(request):
+            yield request
+        # A streamed body is gone: the caller sees the 401 and retries (now with credentials).
+
+    def _authorize(self, request: httpx.Request, key: str) -> None:
+        with self._lock:
+            token = self._tokens.get(key)
+        if token is not None:
+            if time.time() > token.expires_at - REFRESH_MARGIN_SECONDS:
+                token = self._fetch_token(token.challenge)
+                with self._lock:
+                    self._tokens[key] = token
+            request.headers["Authorization"] = f"Bearer {token.value}"
+        elif self._basic:
+            self._apply_basic(request)
+
+    def _apply_basic(self, request: httpx.Request) -> None:
+        request.headers["Authorization"] = self._basic_header
+
+    def _fetch_token(self, challenge: Challenge) -> _Token:
+        params: list[tuple[str, str]] = []
+        if "service" in challenge.params:
+            params.append(("service", challenge.params["service"]))
+        for scope in challenge.params.get("scope", "").split():
+            params.append(("scope", scope))
+        try:
+            response = self._token_http.get(challenge.params["realm"], params=params, auth=self._credentials)
+        except httpx.HTTPError as exc:
+            raise AuthFailed(f"token realm unreachable: {exc}") from exc
+        if response.status_code != 200:
+            raise AuthFailed(f"token realm answered {response.status_code}: {response.text[:200]}")
+        try:
+            body = response.json()
+            value = body.get("token") or body.get("access_token")
+            expires_in = float(body.get("expires_in") or 60)  # the Docker spec's default
+        except (ValueError, AttributeError) as exc:
+            raise AuthFailed("token realm answered something that is not a token") from exc
+        if not isinstance(value, str) or not value:
+            raise AuthFailed("token realm answered without a token")
+        return _Token(value, time.time() + expires_in, challenge)

@@ -1,0 +1,128 @@
+"""Faults: the target dies in the middle of a large blob, the source is killed (-9) with
+jobs pending and one running. Replication resumes from the target's acknowledged offset
+and from the jobs table: nothing is lost, nothing is sent or done twice."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.replication.support import (
+    CountingProxy,
+    caught_up,
+    digest_of_tag,
+    has_blob,
+    push_image,
+    status,
+    wait_for,
+    write_config,
+)
+from tests.support.servers import RegistryProcess
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[RegistryProcess]:
+    with RegistryProcess(data_dir=tmp_path / "target", env={"CARGOHOLD_WORKERS": "1"}) as server:
+        yield server
+
+
+def restart(server: RegistryProcess) -> None:
+    """Start a stopped (or killed) server again on the same port and data directory."""
+    server.proc = None
+    server.start()
+
+
+def sent_so_far(source: RegistryProcess, rule: str) -> int:
+    return int(status(source.url)[rule]["bytes_sent"])
+
+
+@pytest.mark.slow
+def test_a_target_stopped_mid_blob_resumes_from_the_acknowledged_offset(
+    tmp_path: Path, target: RegistryProcess
+) -> None:
+    proxy = CountingProxy(target.port)
+    config = write_config(
+        tmp_path / "source.yaml",
+        targets=[{"name": "far", "url": proxy.url, "rate_limit": "32MiB"}],
+        rules=[{"name": "to-far", "target": "far", "repositories": ["big/*"]}],
+        chunk_size="4MiB",
+        backoff=0.3,
+    )
+    with (
+        RegistryProcess(data_dir=tmp_path / "source", env={"CARGOHOLD_CONFIG": str(config)}) as source,
+        httpx.Client(base_url=source.url, timeout=60) as client,
+    ):
+        layer = os.urandom(64 * MiB)
+        image = push_image(client, "big/app", "v1", [layer])
+        wait_for(
+            lambda: sent_so_far(source, "to-far") > 24 * MiB, "a third of the layer to be sent", 30, 0.05
+        )
+        target.kill()  # the far region goes away mid-transfer
+        at_kill = proxy.sent
+        time.sleep(1.0)  # attempts fail meanwhile (connection refused) and back off
+        restart(target)
+        wait_for(lambda: digest_of_tag(target.url, "big/app", "v1") == image.digest, "the image", 60)
+        wait_for(lambda: caught_up(source.url, "to-far"), "the rule to catch up")
+        state = status(source.url)["to-far"]
+    proxy.close()
+
+    whole = sum(image.blobs.values())
+    print(
+        f"\nresume: blob {len(layer)} bytes; {at_kill} on the wire when the target died, "
+        f"{proxy.sent} in all ({proxy.sent / len(layer):.2f}x); {state['failures']} failed attempts"
+    )
+    assert has_blob(target.url, "big/app", list(image.blobs)[1])  # verified by the target on arrival
+    assert 8 * MiB < at_kill < whole  # it really was cut in the middle
+    assert state["failures"] >= 1 and state["jobs"]["dead"] == 0
+    # Resumed from the acknowledged offset: at most the chunk in flight is sent again.
+    assert proxy.sent < whole + 6 * MiB
+
+
+@pytest.mark.slow
+def test_the_source_killed_with_jobs_pending_and_running_loses_and_repeats_nothing(
+    tmp_path: Path, target: RegistryProcess
+) -> None:
+    proxy = CountingProxy(target.port)
+    config = write_config(
+        tmp_path / "source.yaml",
+        # One job at a time on this target: the small images wait behind the big one.
+        targets=[{"name": "far", "url": proxy.url, "rate_limit": "16MiB", "concurrency": 1}],
+        rules=[{"name": "to-far", "target": "far", "repositories": ["app/*"]}],
+        chunk_size="2MiB",
+    )
+    source = RegistryProcess(data_dir=tmp_path / "source", env={"CARGOHOLD_CONFIG": str(config)})
+    source.start()
+    try:
+        with httpx.Client(base_url=source.url, timeout=60) as client:
+            big = push_image(client, "app/big", "v1", [os.urandom(24 * MiB)])
+            small = [push_image(client, f"app/small{n}", "v1", [os.urandom(64 * 1024)]) for n in range(3)]
+        wait_for(lambda: sent_so_far(source, "to-far") > 6 * MiB, "the big layer to be on its way", 30, 0.05)
+        jobs = status(source.url)["to-far"]["jobs"]
+        source.kill()
+        at_kill = proxy.sent
+        assert jobs["running"] >= 1 and jobs["pending"] + jobs["running"] == 4, jobs
+
+        restart(source)  # a new process: the dead one's running job is handed back, pending ones wait
+        wait_for(lambda: digest_of_tag(target.url, "app/big", "v1") == big.digest, "the big image", 60)
+        for n, image in enumerate(small):
+            wait_for(
+                lambda n=n, i=image: digest_of_tag(target.url, f"app/small{n}", "v1") == i.digest, "small"
+            )
+        wait_for(lambda: caught_up(source.url, "to-far"), "the rule to catch up")
+        state = status(source.url)["to-far"]
+    finally:
+        source.cleanup()
+        proxy.close()
+
+    everything = sum(sum(image.blobs.values()) for image in [big, *small])
+    print(f"\nsource kill: {at_kill} bytes sent before the kill, {proxy.sent} in all for {everything}")
+    assert state["jobs"] == {"pending": 0, "running": 0, "done": 4, "dead": 0}  # one job per tag, once
+    assert state["blobs_sent"] == 2 * 4  # a config and a layer per image: none sent twice
+    assert proxy.sent < everything + 3 * MiB  # at most the chunk in flight again
