@@ -1,8 +1,9 @@
 """The admin API under /admin/: GC runs, their reports, storage use, retention, replication status.
 
-Off unless ``admin.token`` is set; every request must carry ``Authorization: Bearer
-<token>`` (compared in constant time). Identities and per-user permissions replace
-this with the access-control issue.
+Off unless ``admin.token`` is set or access control (``auth:``) is on. Every request
+must carry ``Authorization: Bearer <admin.token>`` (compared in constant time, the
+break-glass) or, with access control, the credentials or a token of an identity with the
+admin role (``api/auth.py`` marks those requests).
 """
 
 from __future__ import annotations
@@ -75,8 +76,14 @@ class AdminAPI:
         ]
 
     def _authorized(self, request: Request) -> bool:
+        if request.scope.get("cargohold.admin"):  # an identity with the admin role (api/auth.py)
+            return True
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self._token)
+        return (
+            bool(self._token)  # no token configured: the break-glass is off, never an empty match
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(credentials.strip().encode(), self._token)
+        )
 
     async def run_gc(self, request: Request) -> Response:
         if not self._authorized(request):

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -23,6 +24,9 @@ from cargohold.engine import Registry
 from cargohold.engine.activity import FLUSH_INTERVAL_SECONDS
 from cargohold.engine.errors import RegistryError
 from cargohold.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from cargohold.api.auth import AccessControl
 
 log = logging.getLogger("cargohold.api")
 
@@ -55,6 +59,7 @@ def create_app(
     on_startup: Sequence[Callable[[], object]] = (),
     on_shutdown: Sequence[Callable[[], object]] = (),
     metrics: Callable[[], bytes] | None = None,
+    access: AccessControl | None = None,
 ) -> AccessLog:
     api = DistributionAPI(
         registry,
@@ -108,8 +113,13 @@ def create_app(
             return Response(await run_in_threadpool(metrics), media_type=METRICS_CONTENT_TYPE)
 
         routes.append(Route("/metrics", scrape, methods=["GET"]))
-    if admin_token:
-        admin = AdminAPI(registry, admin_token, gc_defaults or GCDefaults(), retention_policies)
+    if admin_token or access is not None:
+        # With access control, identities with the admin role may use it; the token stays a break-glass.
+        admin = AdminAPI(registry, admin_token or "", gc_defaults or GCDefaults(), retention_policies)
         routes.extend(admin.routes())
     app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
-    return AccessLog(app, log_format, access_lines)
+    if access is None:  # an open registry: nothing in front of the routes at all
+        return AccessLog(app, log_format, access_lines)
+    from cargohold.api.auth import AuthGate
+
+    return AccessLog(AuthGate(app, access), log_format, access_lines)

@@ -149,7 +149,11 @@ class DistributionAPI:
         name, query = p["name"], request.query_params
         mount = query.get("mount")
         if mount is not None:
-            mounted = await run_in_threadpool(self.registry.mount_blob, name, mount, query.get("from"))
+            # With access control on, only from repositories the caller may pull (api/auth.py).
+            may_read = request.scope.get("cargohold.may_pull", _anyone)
+            mounted = await run_in_threadpool(
+                self.registry.mount_blob, name, mount, query.get("from"), may_read
+            )
             if mounted is not None:
                 return self._blob_created(name, mounted.digest)
         digest = query.get("digest")
@@ -287,7 +291,8 @@ class DistributionAPI:
 
     async def catalog(self, request: Request) -> Response:
         (n, _), last = _page_size(request, self.catalog_max_n), _last(request)
-        page = await run_in_threadpool(self.registry.list_repositories, n, last)
+        visible = request.scope.get("cargohold.may_pull")  # set by api/auth.py when access control is on
+        page = await run_in_threadpool(self.registry.list_repositories, n, last, visible)
         headers = {}
         if page.more and page.items:
             headers["Link"] = _next_link("/v2/_catalog", {"n": n, "last": page.items[-1]})
@@ -335,6 +340,10 @@ def _accepts(accept: str | None, media_type: str) -> bool:
         if kind in (media_type, "*/*", "application/*", "application/json") or not kind:
             return True
     return False
+
+
+def _anyone(name: str) -> bool:
+    return True
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:

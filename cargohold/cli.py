@@ -491,5 +491,168 @@ def fsck_command(repair: bool, drop_dangling_tags: bool, as_json: bool) -> None:
     sys.exit(0 if report.clean else 1)
 
 
+def _access():  # type: ignore[no-untyped-def]
+    """Identities and the audit log on the metadata store (no backend needed)."""
+    from cargohold.engine import MetadataStore
+    from cargohold.engine.audit import AuditLog
+    from cargohold.engine.identities import Identities
+
+    settings = load_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = MetadataStore(settings.metadata_path)
+    return Identities(store), AuditLog(store)
+
+
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment
+        return "cli"
+
+
+def _when(at: float | None) -> str:
+    return "never" if at is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(at))
+
+
+@main.group()
+def user() -> None:
+    """Users who log in with a password (used when the auth: section is configured)."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--admin", is_flag=True, help="Give the admin role (all repositories, the admin API).")
+@click.option("--replace", is_flag=True, help="Overwrite an existing user (a password reset).")
+def user_add(name: str, password_stdin: bool, admin: bool, replace: bool) -> None:
+    """Add a user; the password is hashed with argon2id."""
+    from cargohold.engine.identities import IdentityError
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    identities, audit = _access()
+    try:
+        identities.add_user(name, password, admin=admin, replace=replace)
+    except IdentityError as exc:
+        raise click.ClickException(str(exc)) from None
+    audit.record(_cli_actor(), "user-add", detail={"name": name, "admin": admin})
+    click.echo(f"user {name} added" + (" (admin)" if admin else ""))
+
+
+@user.command("remove")
+@click.argument("name")
+def user_remove(name: str) -> None:
+    """Remove a user (tokens already issued run out within auth.token_ttl)."""
+    identities, audit = _access()
+    if not identities.remove(name, "user"):
+        raise click.ClickException(f"no user named {name}")
+    audit.record(_cli_actor(), "user-remove", detail={"name": name})
+    click.echo(f"user {name} removed")
+
+
+@user.command("list")
+def user_list() -> None:
+    """List users."""
+    identities, _audit = _access()
+    for info in identities.list("user"):
+        click.echo(f"{info.name:<32} {'admin' if info.admin else '-':<6} created {_when(info.created_at)}")
+
+
+@user.command("import-htpasswd")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--replace", is_flag=True, help="Overwrite users that already exist.")
+def user_import_htpasswd(path: Path, replace: bool) -> None:
+    """Import users from an htpasswd file with bcrypt entries (htpasswd -B)."""
+    identities, audit = _access()
+    result = identities.import_htpasswd_file(path, replace=replace)
+    for skipped in result.skipped:
+        click.echo(f"skipped {skipped}", err=True)
+    if result.imported:
+        audit.record(_cli_actor(), "user-import", detail={"names": result.imported})
+    click.echo(f"imported {len(result.imported)} users, skipped {len(result.skipped)}")
+
+
+@main.group()
+def robot() -> None:
+    """Robot accounts (robot$<name>) with long random secrets, for CI and automation."""
+
+
+@robot.command("add")
+@click.argument("name")
+@click.option("--description", default="", help="What the robot is for.")
+@click.option("--expires", help="Lifetime, e.g. 90d, 12h (default: never).")
+def robot_add(name: str, description: str, expires: str | None) -> None:
+    """Create a robot account and print its secret (shown only this once)."""
+    from cargohold.config import parse_duration
+    from cargohold.engine.identities import IdentityError
+
+    identities, audit = _access()
+    try:
+        lifetime = parse_duration(expires) if expires else None
+        full, secret = identities.add_robot(name, description=description, expires_in=lifetime)
+    except (IdentityError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    audit.record(_cli_actor(), "robot-add", detail={"name": full, "expires_in": lifetime})
+    click.echo(f"robot {full} added; its secret (shown only now):", err=True)
+    click.echo(secret)
+
+
+@robot.command("remove")
+@click.argument("name")
+def robot_remove(name: str) -> None:
+    """Remove a robot account."""
+    identities, audit = _access()
+    if not identities.remove(name, "robot"):
+        raise click.ClickException(f"no robot named {name}")
+    audit.record(_cli_actor(), "robot-remove", detail={"name": name})
+    click.echo(f"robot {name} removed")
+
+
+@robot.command("list")
+def robot_list() -> None:
+    """List robot accounts with their expiry and description."""
+    identities, _audit = _access()
+    now = time.time()
+    for info in identities.list("robot"):
+        expired = " (expired)" if info.expires_at is not None and info.expires_at <= now else ""
+        click.echo(f"{info.name:<32} expires {_when(info.expires_at)}{expired}  {info.description}")
+
+
+@main.command("audit")
+@click.option("--since", help="Only entries newer than this (e.g. 1h, 7d).")
+@click.option("--user", "actor", help="Only this identity's entries.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--prune", is_flag=True, help="Delete entries older than auth.audit_keep instead.")
+def audit_command(since: str | None, actor: str | None, limit: int, as_json: bool, prune: bool) -> None:
+    """Who did what, from which address, when: logins, pushes, deletes, admin changes."""
+    import json
+
+    from cargohold.config import parse_duration
+
+    _identities, audit = _access()
+    if prune:
+        settings = load_settings()
+        keep = settings.auth.audit_keep if settings.auth is not None else 90 * 86400.0
+        click.echo(f"pruned {audit.prune(keep)} audit entries")
+        return
+    try:
+        after = time.time() - parse_duration(since) if since else 0.0
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    for entry in audit.entries(since=after, actor=actor, limit=limit):
+        if as_json:
+            click.echo(json.dumps(entry.as_dict(), separators=(",", ":")))
+        else:
+            where = entry.repository or ""
+            detail = json.dumps(entry.detail, separators=(",", ":")) if entry.detail else ""
+            who = f"{entry.actor:<24} {entry.address or '-':<15}"
+            click.echo(f"{_when(entry.at)} {who} {entry.action:<13} {where} {detail}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -342,6 +342,57 @@ class ReplicationSettings(BaseModel):
         return self
 
 
+class AccessPolicy(BaseModel):
+    """Who may pull, push and delete in the repositories matching ``repositories`` (a glob:
+    ``*`` is one path segment, ``**`` any number). Principals are user names, robot names
+    (``robot$ci``), ``authenticated`` (any valid identity) and ``anonymous`` (everyone)."""
+
+    model_config = ConfigDict(extra="forbid")
+    repositories: str = Field(min_length=1, max_length=255)
+    pull: list[str] = []
+    push: list[str] = []
+    delete: list[str] = []
+
+
+class AccessDefault(BaseModel):
+    """What applies where no policy's glob matches: nothing, unless set."""
+
+    model_config = ConfigDict(extra="forbid")
+    pull: list[str] = []
+    push: list[str] = []
+    delete: list[str] = []
+
+
+class AuthSettings(BaseModel):
+    """Access control; off unless the ``auth:`` section is present (an open registry)."""
+
+    model_config = ConfigDict(extra="forbid")
+    service: str = "cargohold"
+    issuer: str = "cargohold"
+    # Where clients reach this registry (the token realm is <external_url>/auth/token);
+    # by default taken from each request's Host header.
+    external_url: str | None = None
+    token_ttl: Duration = 300.0
+    refresh_token_ttl: Duration = 30 * 86400.0
+    algorithm: Literal["EdDSA", "ES256", "HS256"] = "EdDSA"
+    # HS256 only: the shared secret (at least 32 characters). EdDSA/ES256 keys are generated
+    # into <data_dir>/auth/ on first start.
+    secret: str | None = None
+    basic: bool = True  # also accept HTTP basic credentials directly on /v2/
+    admins: list[str] = []  # identities with the admin role, besides users added with --admin
+    audit_keep: Duration = 90 * 86400.0
+    default: AccessDefault = AccessDefault()
+    policies: list[AccessPolicy] = []
+
+    @model_validator(mode="after")
+    def _secret_for_hs256(self) -> AuthSettings:
+        if self.algorithm == "HS256" and (self.secret is None or len(self.secret) < 32):
+            raise ValueError("auth.secret of at least 32 characters is required with HS256")
+        if self.algorithm != "HS256" and self.secret is not None:
+            raise ValueError("auth.secret is only used with algorithm HS256")
+        return self
+
+
 class AdminSettings(BaseModel):
     """The admin API under /admin/; off unless a bearer token is set."""
 
@@ -378,6 +429,7 @@ class Settings(BaseSettings):
     admin: AdminSettings = AdminSettings()
     events: EventSettings = EventSettings()
     replication: ReplicationSettings | None = None
+    auth: AuthSettings | None = None
 
     @field_validator("address")
     @classmethod

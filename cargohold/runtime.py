@@ -83,6 +83,23 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
         on_startup=[start],
         on_shutdown=[stop],
         metrics=functools.partial(exposition, StoreCollector(registry)) if settings.metrics else None,
+        access=open_access_control(settings, registry),
+    )
+
+
+def open_access_control(settings: Settings, registry: Registry):  # type: ignore[no-untyped-def]
+    """The access control of the ``auth:`` section, or None (an open registry) without one."""
+    if settings.auth is None:
+        return None
+    from cargohold.api.auth import AccessControl
+    from cargohold.engine.audit import AuditLog
+    from cargohold.engine.identities import Identities
+
+    return AccessControl(
+        settings.auth,
+        Identities(registry.store),
+        AuditLog(registry.store),
+        key_dir=settings.data_dir.absolute() / "auth",
     )
 
 

@@ -375,12 +375,26 @@ class Registry:
         tags = self.store.list_tags(conn, repo_id, last or "", limit + 1)
         return Page(tags[:limit], len(tags) > limit)
 
-    def list_repositories(self, n: int, last: str | None) -> Page:
+    def list_repositories(
+        self, n: int, last: str | None, visible: Callable[[str], bool] | None = None
+    ) -> Page:
+        """A page of repository names after ``last``; with ``visible``, only the names it
+        accepts (pages are filled from further batches, so hidden names never shorten one)."""
         limit = min(n, MAX_PAGE)
         if limit == 0:
             return Page([], False)
-        names = self.store.catalog(self.store.read(), last or "", limit + 1)
-        return Page(names[:limit], len(names) > limit)
+        if visible is None:
+            names = self.store.catalog(self.store.read(), last or "", limit + 1)
+            return Page(names[:limit], len(names) > limit)
+        shown: list[str] = []
+        cursor = last or ""
+        while len(shown) <= limit:
+            batch = self.store.catalog(self.store.read(), cursor, max(limit + 1, 100))
+            shown.extend(name for name in batch if visible(name))
+            if len(batch) < max(limit + 1, 100):
+                break
+            cursor = batch[-1]
+        return Page(shown[:limit], len(shown) > limit)
 
     def referrers(
         self, repository: str, digest: str, artifact_type: str | None, last: str | None, page_size: int

@@ -30,6 +30,8 @@
                       lease_expires_at, progress, last_error, ...)   durable replication work
     replication_stats (rule PK, bytes_sent, bytes_skipped, ...)       per-rule counters
     replication_blobs (target, digest, repository)       where a digest was sent (cross-repo mounts)
+    identities (name PK, kind 'user'|'robot', secret_hash, admin, description, created_at, expires_at)
+    audit_log (id, at, actor, address, action, repository, detail)   who did what, from where, when
 
 Refcounts: ``blobs.manifest_refs`` = rows of manifest_references (kind 'blob') naming the
 digest, in any repository; ``blobs.repo_links`` = rows of repository_blobs. Both change
@@ -278,6 +280,40 @@ def _v6_replication(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v7_access_control(db: sqlite_utils.Database) -> None:
+    db.create_table(
+        "identities",
+        {
+            "name": str,
+            "kind": str,
+            "secret_hash": str,
+            "admin": int,
+            "description": str,
+            "created_at": float,
+            "expires_at": float,
+        },
+        pk="name",
+        not_null={"kind", "secret_hash", "admin", "created_at"},
+        defaults={"admin": 0, "description": ""},
+    )
+    db.create_table(
+        "audit_log",
+        {
+            "id": int,
+            "at": float,
+            "actor": str,
+            "address": str,
+            "action": str,
+            "repository": str,
+            "detail": str,
+        },
+        pk="id",
+        not_null={"at", "actor", "action"},
+    )
+    db.execute("CREATE INDEX audit_log_at ON audit_log (at)")
+    db.execute("CREATE INDEX audit_log_actor ON audit_log (actor, at)")
+
+
 MIGRATIONS: list[Migration] = [
     _v1_initial,
     _v2_portable_uploads,
@@ -285,6 +321,7 @@ MIGRATIONS: list[Migration] = [
     _v4_admin_settings,
     _v5_events,
     _v6_replication,
+    _v7_access_control,
 ]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 
