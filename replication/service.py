@@ -307,6 +307,11 @@ class ReplicationService:
         with self.registry.store.write() as conn:
             for rule in self.rules.values():
                 self.queries.register_rule(conn, rule.name, rule.rule.direction, rule.rule.target)
+        # A rule taken out of the config must not hold events back from pruning forever.
+        consumers = {rule.consumer for rule in self.rules.values() if rule.push}
+        for consumer in self.registry.events.cursors():
+            if consumer.startswith("replication:") and consumer not in consumers:
+                self.registry.events.forget(consumer)
         self._registered = True
 
     def housekeeping(self) -> None:

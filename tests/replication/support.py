@@ -154,7 +154,7 @@ def write_config(
 
 
 class CountingProxy:
-    """A TCP proxy on loopback that counts the bytes a client sends upstream (requests, bodies).
+    """A TCP proxy on loopback that counts the bytes going upstream (requests, bodies) and back.
 
     The upstream may be down: a connection then closes at once, as a dead target would.
     """
@@ -162,6 +162,7 @@ class CountingProxy:
     def __init__(self, upstream_port: int) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
         self.sent = 0
+        self.received = 0  # bytes the upstream sent back (responses: what a pull downloads)
         self._lock = threading.Lock()
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -206,9 +207,11 @@ class CountingProxy:
                     data = sock.recv(1 << 16)
                     if not data:
                         return
-                    if sock is client:
-                        with self._lock:
+                    with self._lock:
+                        if sock is client:
                             self.sent += len(data)
+                        else:
+                            self.received += len(data)
                     (upstream if sock is client else client).sendall(data)
         except OSError:
             return

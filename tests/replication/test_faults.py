@@ -5,6 +5,7 @@ and from the jobs table: nothing is lost, nothing is sent or done twice."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cargohold.config import ReplicationSettings
+from cargohold.replication import ReplicationService, replication_status
+from tests.engine.conftest import make_registry
 from tests.replication.support import (
     CountingProxy,
     caught_up,
@@ -126,3 +130,56 @@ def test_the_source_killed_with_jobs_pending_and_running_loses_and_repeats_nothi
     assert state["jobs"] == {"pending": 0, "running": 0, "done": 4, "dead": 0}  # one job per tag, once
     assert state["blobs_sent"] == 2 * 4  # a config and a layer per image: none sent twice
     assert proxy.sent < everything + 3 * MiB  # at most the chunk in flight again
+
+
+@pytest.mark.slow
+def test_a_pull_cut_by_the_remote_dying_resumes_from_what_this_registry_acknowledged(tmp_path: Path) -> None:
+    """Pull mode: the copy lands in this registry's own upload session, chunk by chunk; when
+    the remote comes back, the job asks the engine where the session stands and fetches
+    only the rest (a ranged GET)."""
+    remote = RegistryProcess(kind="distribution", data_dir=tmp_path / "remote")
+    remote.start()
+    proxy = CountingProxy(remote.port)
+    registry = make_registry(tmp_path / "local")
+    settings = ReplicationSettings(
+        targets=[{"name": "remote", "url": proxy.url, "rate_limit": "16MiB"}],
+        rules=[
+            {
+                "name": "mirror",
+                "direction": "pull",
+                "target": "remote",
+                "repositories": ["big/app"],
+                "target_prefix": "mirror/",
+            }
+        ],
+        chunk_size="2MiB",
+        backoff=0.2,
+        backoff_max=1,
+        max_attempts=50,
+    )
+    service = ReplicationService(registry, settings)
+    try:
+        with httpx.Client(base_url=remote.url, timeout=60) as client:
+            image = push_image(client, "big/app", "v1", [os.urandom(24 * MiB)])
+        assert service.reconcile("mirror").jobs_enqueued == 1
+        first = threading.Thread(target=service.drain, args=(["mirror"],), kwargs={"timeout": 60})
+        first.start()
+        wait_for(lambda: proxy.received > 8 * MiB, "a third of the layer to arrive", 30, 0.02)
+        remote.kill()
+        at_kill = proxy.received
+        first.join(60)  # the job failed and is backing off: the drain returns
+        restart(remote)
+        wait_for(
+            lambda: service.drain(["mirror"], timeout=30).succeeded, "the pull to complete", 60, interval=0.3
+        )
+    finally:
+        service.close()
+        remote.cleanup()
+        proxy.close()
+    layer = max(image.blobs.values())
+    assert registry.get_manifest("mirror/big/app", "v1").digest == image.digest
+    (rule,) = replication_status(registry)
+    print(f"\npull resume: layer {layer}, {at_kill} received when the remote died, {proxy.received} in all")
+    assert rule["failures"] >= 1 and rule["jobs"]["done"] == 1
+    assert 4 * MiB < at_kill < layer
+    assert proxy.received < layer + 3 * MiB
