@@ -236,6 +236,14 @@ def _basic(header: str) -> tuple[str, str] | None:
     return name, secret
 
 
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except NameInvalid:
+        return False  # never echo an arbitrary path into a header
+    return True
+
+
 def _client_address(scope: Scope) -> str | None:
     client = scope.get("client")
     return client[0] if client else None
@@ -343,7 +351,7 @@ class AuthGate:
         settings = self.access.settings
         realm = settings.external_url or f"{scope.get('scheme', 'http')}://{headers.get('host', 'localhost')}"
         parts = [f'realm="{realm.rstrip("/")}/auth/token"', f'service="{settings.service}"']
-        if target.name is not None and target.action is not None:
+        if target.name is not None and target.action is not None and _valid_name(target.name):
             wanted = {"pull": "pull", "push": "pull,push", "delete": "delete"}[target.action]
             parts.append(f'scope="repository:{target.name}:{wanted}"')
         elif target.kind == "catalog":

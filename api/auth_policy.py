@@ -3,9 +3,10 @@
 Policies come from the ``auth:`` section of the config. Each names a repository glob
 (``*`` one path segment, ``**`` any number of them) and the principals granted each
 action: user names, robot names, ``authenticated`` (any valid identity) and
-``anonymous`` (everyone, with or without credentials). The longest matching glob wins
-(``team-a/prod/**`` over ``team-a/**``; ties go to the one listed first); where none
-matches, ``default`` applies. Identities with the admin role may do everything.
+``anonymous`` (everyone, with or without credentials). The most specific matching glob
+wins: the longest once its wildcards are left out (``team-a/prod/**`` over ``team-a/**``),
+then the one with fewer ``**`` (``team-a/*`` over ``team-a/**``), then the one listed
+first; where none matches, ``default`` applies. Identities with the admin role may do everything.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def glob_to_regex(glob: str) -> re.Pattern[str]:
     return re.compile(body)
 
 
+def _specificity(rule: _Rule) -> tuple[int, int]:
+    """Most specific first: more literal characters, then fewer ``**`` (``team-a/*`` before ``team-a/**``)."""
+    literal = len(rule.glob.replace("*", ""))
+    return -literal, rule.glob.count("**")
+
+
 @dataclass(frozen=True, slots=True)
 class _Rule:
     glob: str
@@ -44,8 +51,8 @@ class Policies:
             )
             for p in settings.policies
         ]
-        # Stable sort: among globs of the same length the first listed stays first.
-        self.rules = sorted(rules, key=lambda r: -len(r.glob))
+        # Stable sort: among equally specific globs the first listed stays first.
+        self.rules = sorted(rules, key=_specificity)
         d = settings.default
         self.default = _Rule(
             "(default)",
