@@ -117,6 +117,10 @@ def create_app(
         # With access control, identities with the admin role may use it; the token stays a break-glass.
         admin = AdminAPI(registry, admin_token or "", gc_defaults or GCDefaults(), retention_policies)
         routes.extend(admin.routes())
+    if access is not None:  # users, robots and the audit log, for the same admin callers
+        from cargohold.api.auth_admin import IdentityAdminAPI
+
+        routes.extend(IdentityAdminAPI(access, admin_token).routes())
     app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
     if access is None:  # an open registry: nothing in front of the routes at all
         return AccessLog(app, log_format, access_lines)

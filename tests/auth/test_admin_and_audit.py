@@ -71,3 +71,31 @@ def test_audit_log_records_who_did_what(auth_registry: AuthRegistry) -> None:
         [*cargohold_command(), "audit"], capture_output=True, text=True, env=env, check=True
     ).stdout
     assert "team-a/audited" in text
+
+
+def test_identities_through_the_admin_api(auth_registry: AuthRegistry) -> None:
+    url = f"{auth_registry.url}/admin"
+    root = basic("root", PASSWORD["root"])
+    assert httpx.get(f"{url}/users", headers=basic("reader", PASSWORD["reader"])).status_code == 401
+    assert httpx.get(f"{url}/users").status_code == 401
+    listed = httpx.get(f"{url}/users", headers=root).json()["identities"]
+    assert {"reader", "writer", "root", "robot$ci"} <= {i["name"] for i in listed}
+    assert "hash" not in json.dumps(listed) and "secret" not in json.dumps(listed)
+    created = httpx.post(f"{url}/users", json={"name": "frank", "password": "frank-password"}, headers=root)
+    assert created.status_code == 201
+    assert (
+        httpx.post(f"{url}/users", json={"name": "frank", "password": "x" * 9}, headers=root).status_code
+        == 409
+    )
+    assert httpx.get(f"{auth_registry.url}/v2/", headers=basic("frank", "frank-password")).status_code == 200
+    robot = httpx.post(f"{url}/robots", json={"name": "bot", "expires": "1h"}, headers=bearer("break-glass"))
+    assert robot.status_code == 201 and robot.json()["name"] == "robot$bot"
+    secret = robot.json()["secret"]
+    assert httpx.get(f"{auth_registry.url}/v2/", headers=basic("robot$bot", secret)).status_code == 200
+    assert httpx.delete(f"{url}/robots/bot", headers=root).status_code == 204
+    assert httpx.delete(f"{url}/users/frank", headers=root).status_code == 204
+    assert httpx.delete(f"{url}/users/frank", headers=root).status_code == 404
+    audit = httpx.get(f"{url}/audit", params={"user": "root", "since": 3600}, headers=root).json()["entries"]
+    paths = [e["detail"]["path"] for e in audit if e["action"] == "admin"]
+    assert "/admin/users" in paths and "/admin/users/frank" in paths
+    assert "frank-password" not in json.dumps(audit)
