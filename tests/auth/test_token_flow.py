@@ -240,3 +240,39 @@ def test_cli_user_and_robot_commands(auth_registry: AuthRegistry, tmp_path: Path
     )
     assert token.status_code == 200
     assert httpx.get(f"{auth_registry.url}/v2/", headers=basic("dave", "dave-pass")).status_code == 401
+
+
+def test_podman_login_push_pull(auth_registry: AuthRegistry, tmp_path: Path) -> None:
+    from tests.support.clients import ContainersStorage
+
+    storage = ContainersStorage()
+    try:
+        podman = storage.podman
+        host = auth_registry.server.host
+        image = build_image((30_000,))
+        podman("pull", f"oci:{write_oci_layout(tmp_path / 'layout', {'v1': image})}:v1")
+        image_id = image.config.digest.removeprefix("sha256:")
+        anonymous = podman(
+            "push", "--tls-verify=false", image_id, f"docker://{host}/team-a/podman:v1", check=False
+        )
+        assert anonymous.returncode != 0
+        podman("login", "--tls-verify=false", "--username", "writer", "--password", PASSWORD["writer"], host)
+        podman("push", "--tls-verify=false", image_id, f"docker://{host}/team-a/podman:v1")
+        tags = httpx.get(
+            f"{auth_registry.url}/v2/team-a/podman/tags/list", headers=basic("writer", PASSWORD["writer"])
+        )
+        assert tags.json()["tags"] == ["v1"]
+        podman("rmi", "--all", "--force")
+        podman("logout", host)
+        podman("login", "--tls-verify=false", "--username", "reader", "--password", PASSWORD["reader"], host)
+        podman("pull", "--tls-verify=false", f"{host}/team-a/podman:v1")
+        refused = podman(
+            "push", "--tls-verify=false", image_id, f"docker://{host}/team-a/podman:v2", check=False
+        )
+        assert refused.returncode != 0
+        wrong = podman(
+            "login", "--tls-verify=false", "--username", "reader", "--password", "nope", host, check=False
+        )
+        assert wrong.returncode != 0
+    finally:
+        storage.cleanup()
