@@ -13,10 +13,11 @@ app is not wrapped at all). For every request under ``/v2/`` it
    * no credentials (or bad ones: wrong password, expired robot, tampered, expired or
      foreign token): **401 UNAUTHORIZED** with a ``WWW-Authenticate: Bearer`` challenge
      naming the realm, the service and the scope the request needs;
-   * a token without the action, where the identity could get it: 403 DENIED with a
-     challenge carrying ``error="insufficient_scope"`` (the client fetches a new token);
-   * an identity that may not do this: **403 DENIED**, the same body whether or not the
-     repository, tag or blob exists.
+   * an anonymous token without the action: 401 with ``error="insufficient_scope"``;
+   * an identity whose credentials or token do not carry the action: **403 DENIED** with a
+     challenge carrying ``error="insufficient_scope"`` (so a client holding a token for
+     another scope fetches a new one), the same whether or not the repository, tag or
+     blob exists.
 
    Callers who may pull a repository see its 404s as usual; nobody else can tell a
    missing repository from a forbidden one.
@@ -336,15 +337,15 @@ class AuthGate:
         assert target.name is not None and target.action is not None
         if caller.via == "none":
             return self.challenge(scope, headers, target, None)
+        if caller.identity is None:  # an anonymous token: still "without credentials"
+            return self.challenge(scope, headers, target, "insufficient_scope")
+        # Every 403 carries a challenge with error="insufficient_scope": a HEAD answer has no
+        # body, and without it docker cannot tell "denied" from a glitch and retries for a
+        # minute. Clients that cache one token (oras-py) also fetch a new one only after a
+        # 403 that names the scope, so a token that merely lacks it gets replaced.
         denied = _error(scope, 403, "DENIED", "requested access to the resource is denied")
-        if caller.via == "bearer" and target.action in self.access.policies.allowed(
-            caller.identity, target.name
-        ):
-            # The identity may, this token does not: say which scope to ask for. A 403 (not
-            # Distribution's 401) because clients that cache one token (oras-py) fetch a new
-            # one only after a 403, and a 401 would make them resend the same token forever.
-            challenge = self.challenge(scope, headers, target, "insufficient_scope")
-            denied.headers["WWW-Authenticate"] = challenge.headers["WWW-Authenticate"]
+        challenge = self.challenge(scope, headers, target, "insufficient_scope")
+        denied.headers["WWW-Authenticate"] = challenge.headers["WWW-Authenticate"]
         return denied
 
     def challenge(self, scope: Scope, headers: Headers, target: Target, error: str | None) -> Response:

@@ -118,6 +118,7 @@ def callers(auth_registry: AuthRegistry) -> dict[str, dict[str, str]]:
     )
     return {
         "anonymous": {},
+        "anonymous-token": bearer(auth_registry.token(None, *everything)),
         "reader": bearer(reader_token),
         "writer": bearer(auth_registry.token("writer", *everything)),
         "reader-basic": basic("reader", PASSWORD["reader"]),
@@ -137,7 +138,7 @@ def callers(auth_registry: AuthRegistry) -> dict[str, dict[str, str]]:
 
 def _expected(caller: str, repo: str, action: str) -> tuple[int, str] | None:
     """(status, code) of a refusal, or None when the request must reach the registry."""
-    if caller == "anonymous":
+    if caller in ("anonymous", "anonymous-token"):
         return None if (repo == "public/base" and action == "pull") else (401, "UNAUTHORIZED")
     if caller in INVALID:
         return (401, "UNAUTHORIZED")
@@ -199,7 +200,17 @@ def _comparable(response: httpx.Response, name: str) -> tuple[int, bytes, list[t
 
 
 @pytest.mark.parametrize(
-    "caller", ["anonymous", "reader", "writer", "reader-basic", "robot-basic", "other-scope", *INVALID]
+    "caller",
+    [
+        "anonymous",
+        "anonymous-token",
+        "reader",
+        "writer",
+        "reader-basic",
+        "robot-basic",
+        "other-scope",
+        *INVALID,
+    ],
 )
 def test_matrix(auth_registry: AuthRegistry, callers, hidden_digests, caller: str) -> None:
     seed = auth_registry.seed  # type: ignore[attr-defined]
@@ -221,6 +232,9 @@ def test_matrix(auth_registry: AuthRegistry, callers, hidden_digests, caller: st
                     failures.append(f"{kind} {repo}: refused {got}, expected to pass")
             elif got != expected:
                 failures.append(f"{kind} {repo}: {got}, expected {expected}")
+            challenge = response.headers.get("www-authenticate", "")
+            if expected is not None and expected[0] == 403 and 'error="insufficient_scope"' not in challenge:
+                failures.append(f"{kind} {repo}: a 403 without an insufficient_scope challenge")
             if expected is not None and expected[0] == 401:
                 challenge = response.headers.get("www-authenticate", "")
                 if not challenge.startswith('Bearer realm="') or 'service="cargohold-test"' not in challenge:

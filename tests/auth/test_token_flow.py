@@ -276,3 +276,33 @@ def test_podman_login_push_pull(auth_registry: AuthRegistry, tmp_path: Path) -> 
         assert wrong.returncode != 0
     finally:
         storage.cleanup()
+
+
+def test_docker_login_push_pull(auth_registry: AuthRegistry, tmp_path: Path) -> None:
+    from tests.support.clients import DockerDaemon
+    from tests.support.oci_layout import write_docker_archive
+
+    host = auth_registry.server.host
+    image = build_image((20_000,), docker=True)
+    local = "cargohold-auth/docker:v1"
+    remote = f"{host}/team-a/docker:v1"
+    with DockerDaemon(insecure_registries=[host]) as docker:
+        docker("load", "-i", str(write_docker_archive(tmp_path / "image.tar", image, [local])))
+        docker("tag", local, remote)
+        assert docker("push", remote, check=False).returncode != 0  # not logged in
+        docker("login", "--username", "writer", "--password", PASSWORD["writer"], host)
+        docker("push", remote)
+        docker("logout", host)
+        docker("rmi", remote, local)
+        docker("login", "--username", "reader", "--password", PASSWORD["reader"], host)
+        docker("pull", remote)
+        docker("tag", remote, f"{host}/team-a/docker:v2")
+        refused = docker("push", f"{host}/team-a/docker:v2", check=False)
+        assert refused.returncode != 0 and "denied" in (refused.stdout + refused.stderr).lower()
+        assert (
+            docker("login", "--username", "reader", "--password", "nope", host, check=False).returncode != 0
+        )
+    tags = httpx.get(
+        f"{auth_registry.url}/v2/team-a/docker/tags/list", headers=basic("reader", PASSWORD["reader"])
+    )
+    assert tags.json()["tags"] == ["v1"]
