@@ -7,7 +7,8 @@ move from Distribution's htpasswd auth without resetting anyone. Robot secrets a
 down) and checking them costs nothing on the request path.
 
 Every comparison of a secret is constant-time, and an unknown name costs the same as a
-wrong password (a dummy argon2 verification), so timing does not tell which names exist.
+wrong secret (a dummy argon2 verification, or a SHA-256 one for ``robot$`` names), so
+timing does not tell which names exist.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _SHA256 = "sha256$"
 
 _hasher = PasswordHasher()
 _DUMMY = _hasher.hash("cargohold timing equaliser")
+_DUMMY_ROBOT = _SHA256 + "0" * 64
 
 
 class IdentityError(ValueError):
@@ -101,7 +103,8 @@ class Identities:
         """The identity if ``secret`` is right and it has not expired; None otherwise."""
         row = self.queries.identity(name) if len(name) <= 80 else None
         if row is None:
-            _verify(_DUMMY, secret)  # the same cost as a wrong password
+            # The same cost as a wrong secret of that kind (robots are checked with SHA-256).
+            _verify(_DUMMY_ROBOT if name.startswith(ROBOT_PREFIX) else _DUMMY, secret)
             return None
         if not _verify(row.secret_hash, secret):
             return None
