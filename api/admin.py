@@ -33,6 +33,7 @@ from cargohold.gc.retention import (
     store_policies,
 )
 from cargohold.replication.status import replication_status
+from cargohold.replication.webhooks import webhook_status
 
 
 class AdminRequestInvalid(Exception):
@@ -73,6 +74,7 @@ class AdminAPI:
             Route("/admin/retention/plan", self.retention_plan, methods=["POST"]),
             Route("/admin/retention/apply", self.retention_apply, methods=["POST"]),
             Route("/admin/replication/status", self.replication_status, methods=["GET"]),
+            Route("/admin/webhooks/status", self.webhooks_status, methods=["GET"]),
         ]
 
     def _authorized(self, request: Request) -> bool:
@@ -189,6 +191,13 @@ class AdminAPI:
             return _error(401, "admin token required")
         rules = await run_in_threadpool(replication_status, self.registry)
         return JSONResponse({"rules": rules})
+
+    async def webhooks_status(self, request: Request) -> Response:
+        """Per webhook endpoint: events behind, lag, deliveries by outcome, the last error."""
+        if not self._authorized(request):
+            return _error(401, "admin token required")
+        endpoints = await run_in_threadpool(webhook_status, self.registry)
+        return JSONResponse({"endpoints": endpoints})
 
     async def _run_retention(self, policies: list[RetentionPolicy] | None, dry_run: bool) -> Response:
         def run() -> dict[str, Any]:

@@ -335,10 +335,58 @@ def replicate_run(rule: str, no_wait: bool, timeout: float | None, as_json: bool
             )
             for error in drained["errors"][:10]:
                 click.echo(f"  {error}", err=True)
+    for error in reconciled["errors"][:10] if reconciled else []:
+        click.echo(f"  could not compare {error}", err=True)
+    if failure is None and reconciled and reconciled["errors"]:
+        failure = f"{len(reconciled['errors'])} repositories could not be compared"
     if failure is not None:
         click.echo(failure, err=True)
     if failure is not None or (drained is not None and (drained["dead"] or drained["waiting"])):
         sys.exit(1)
+
+
+@main.group()
+def webhooks() -> None:
+    """Event notifications over HTTP (the webhooks: section of the config)."""
+
+
+@webhooks.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def webhooks_status(as_json: bool) -> None:
+    """Per endpoint: events behind, lag, deliveries by outcome, the last error."""
+    import json
+
+    from cargohold.replication.webhooks import webhook_status
+
+    settings = load_settings()
+    configured = settings.webhooks.endpoints if settings.webhooks is not None else []
+    report = webhook_status(_open_registry(), configured)
+    if as_json:
+        click.echo(json.dumps({"endpoints": report}, indent=2))
+        return
+    click.echo(f"{'ENDPOINT':<20} {'BEHIND':>7} {'LAG':>8} {'DELIVERED':>9} {'FAILED':>7} {'DEAD':>5}")
+    for endpoint in report:
+        click.echo(
+            f"{endpoint['endpoint']:<20} {endpoint['events_behind']:>7} {endpoint['lag_seconds']:>7.1f}s "
+            f"{endpoint['delivered']:>9} {endpoint['failed']:>7} {endpoint['dead']:>5}"
+        )
+        if endpoint["last_error"]:
+            click.echo(f"  last error: {endpoint['last_error'][:200]}")
+
+
+@webhooks.command("log")
+@click.argument("endpoint")
+@click.option("--limit", type=int, default=20, show_default=True)
+def webhooks_log(endpoint: str, limit: int) -> None:
+    """The latest delivery attempts to ENDPOINT, newest first."""
+    from cargohold.replication.webhooks import recent_deliveries
+
+    for row in recent_deliveries(_open_registry(), endpoint, limit):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["at"]))
+        click.echo(
+            f"{when} event {row['event_id']:<8} attempt {row['attempt']:<3} {row['outcome']:<9} "
+            f"{row['status_code'] or '-'} {row['duration_ms']:.0f}ms {row['error'] or ''}"
+        )
 
 
 @replicate.command("retry")

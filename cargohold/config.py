@@ -393,6 +393,49 @@ class AuthSettings(BaseModel):
         return self
 
 
+class WebhookEndpoint(BaseModel):
+    """An HTTP endpoint that receives events as JSON POSTs, signed with HMAC-SHA256, in event order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    url: str = Field(pattern=r"^https?://")
+    secret: str | None = None  # the HMAC key (X-Cargohold-Signature-256: sha256=<hex of the body>)
+    secret_env: str | None = None  # or the name of an environment variable holding it
+    repositories: list[str] = ["**"]  # globs, as in retention and replication
+    actions: list[Literal["push", "tag", "delete", "untag", "pull"]] = ["push", "tag", "delete", "untag"]
+    media_types: list[str] = []  # manifests of these media types only (empty: all)
+    format: Literal["cargohold", "cloudevents"] = "cargohold"
+    headers: dict[str, str] = {}
+    tls_verify: bool = True
+    timeout: Duration = 10.0
+    max_attempts: int = Field(10, ge=1, le=1000)  # then the event is logged as dead and skipped
+    backoff: Duration = 1.0  # doubles with each attempt
+    backoff_max: Duration = 300.0
+
+    def key(self) -> str | None:
+        return os.environ.get(self.secret_env) if self.secret_env else self.secret
+
+
+class WebhookSettings(BaseModel):
+    """Event notifications over HTTP. Absent: off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: list[WebhookEndpoint] = []
+    poll_interval: Duration = 1.0
+    keep_log: Duration = 7 * 86400.0  # delivery log entries are kept this long
+    source: str = "cargohold"  # CloudEvents ``source``, and ``registry`` in the cargohold format
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique_names(cls, value: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
+        names = [endpoint.name for endpoint in value]
+        if len(set(names)) != len(names):
+            raise ValueError("webhook endpoint names must be unique")
+        return value
+
+
 class AdminSettings(BaseModel):
     """The admin API under /admin/; off unless a bearer token is set."""
 
@@ -429,6 +472,7 @@ class Settings(BaseSettings):
     admin: AdminSettings = AdminSettings()
     events: EventSettings = EventSettings()
     replication: ReplicationSettings | None = None
+    webhooks: WebhookSettings | None = None
     auth: AuthSettings | None = None
 
     @field_validator("address")

@@ -172,6 +172,11 @@ def _scheduler_hooks(
                         functools.partial(replication.reconcile, rule.name),
                     )
                 )
+    webhooks = None
+    if settings.webhooks is not None:
+        from cargohold.replication.webhooks import WebhookService
+
+        webhooks = WebhookService(registry, settings.webhooks, event_keep_seconds=settings.events.keep)
     running: list[object] = []
 
     def start() -> None:
@@ -180,11 +185,15 @@ def _scheduler_hooks(
             running.append(scheduler)
         if replication is not None:
             replication.start()  # works only while this process holds the replication lease
+        if webhooks is not None:
+            webhooks.start()  # likewise, with the webhooks lease
 
     def stop() -> None:
         for scheduler in running:
             scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
         if replication is not None:
             replication.stop()
+        if webhooks is not None:
+            webhooks.stop()
 
     return start, stop

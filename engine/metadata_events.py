@@ -1,4 +1,5 @@
-"""SQL for the outbox (events), its consumers' cursors, and replication's durable jobs.
+"""SQL for the outbox (events), its consumers' cursors, replication's durable jobs and the
+webhook delivery log.
 
 Part of the metadata layer (all SQL lives in ``metadata*.py`` and the migrations). The
 event inserts run inside the registry's own write transactions (``Registry.put_manifest``
@@ -393,3 +394,75 @@ class ReplicationQueries:
 
     def forget_sent(self, conn: Conn, target: str, digest: str) -> None:
         conn.execute("DELETE FROM replication_blobs WHERE target = ? AND digest = ?", (target, digest))
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: int
+    endpoint: str
+    event_id: int
+    attempt: int
+    outcome: str  # delivered | failed | dead
+    status_code: int | None
+    error: str | None
+    duration_ms: float | None
+    at: float
+
+
+class WebhookQueries:
+    """Statements on ``webhook_deliveries``, the per-endpoint delivery log."""
+
+    def log(
+        self,
+        conn: Conn,
+        endpoint: str,
+        event_id: int,
+        attempt: int,
+        outcome: str,
+        status_code: int | None,
+        error: str | None,
+        duration_ms: float,
+        now: float,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO webhook_deliveries (endpoint, event_id, attempt, outcome, status_code, error, "
+            "duration_ms, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (endpoint, event_id, attempt, outcome, status_code, error and error[:1000], duration_ms, now),
+        )
+
+    def attempts(self, conn: Conn, endpoint: str, event_id: int) -> int:
+        """Attempts already made at delivering an event (a restarted sender goes on counting)."""
+        row = conn.execute(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE endpoint = ? AND event_id = ?",
+            (endpoint, event_id),
+        ).fetchone()
+        return int(row[0])
+
+    def recent(self, conn: Conn, endpoint: str, limit: int) -> list[DeliveryRow]:
+        rows = conn.execute(
+            "SELECT id, endpoint, event_id, attempt, outcome, status_code, error, duration_ms, at "
+            "FROM webhook_deliveries WHERE endpoint = ? ORDER BY id DESC LIMIT ?",
+            (endpoint, limit),
+        )
+        return [DeliveryRow(*row) for row in rows]
+
+    def summary(self, conn: Conn) -> dict[str, dict[str, Any]]:
+        """Per endpoint: deliveries by outcome, and the last success and the last error."""
+        found: dict[str, dict[str, Any]] = {}
+        for endpoint, outcome, count, last in conn.execute(
+            "SELECT endpoint, outcome, COUNT(*), MAX(at) FROM webhook_deliveries GROUP BY endpoint, outcome"
+        ):
+            entry = found.setdefault(endpoint, {"delivered": 0, "failed": 0, "dead": 0})
+            entry[outcome] = count
+            if outcome == "delivered":
+                entry["last_delivered_at"] = last
+        for endpoint, error, at in conn.execute(
+            "SELECT endpoint, error, MAX(at) FROM webhook_deliveries WHERE outcome != 'delivered' "
+            "GROUP BY endpoint"
+        ):
+            found[endpoint]["last_error"] = error
+            found[endpoint]["last_error_at"] = at
+        return found
+
+    def forget_before(self, conn: Conn, before: float) -> int:
+        return conn.execute("DELETE FROM webhook_deliveries WHERE at < ?", (before,)).rowcount

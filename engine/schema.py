@@ -32,6 +32,7 @@
     replication_blobs (target, digest, repository)       where a digest was sent (cross-repo mounts)
     identities (name PK, kind 'user'|'robot', secret_hash, admin, description, created_at, expires_at)
     audit_log (id, at, actor, address, action, repository, detail)   who did what, from where, when
+    webhook_deliveries (id, endpoint, event_id, attempt, outcome, status_code, error, at)   every attempt
 
 Refcounts: ``blobs.manifest_refs`` = rows of manifest_references (kind 'blob') naming the
 digest, in any repository; ``blobs.repo_links`` = rows of repository_blobs. Both change
@@ -314,6 +315,17 @@ def _v7_access_control(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX audit_log_actor ON audit_log (actor, at)")
 
 
+def _v8_webhooks(db: sqlite_utils.Database) -> None:
+    """The webhook delivery log: one row per attempt at delivering an event to an endpoint."""
+    db.execute(
+        "CREATE TABLE webhook_deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, endpoint TEXT NOT NULL, "
+        "event_id INTEGER NOT NULL, attempt INTEGER NOT NULL, outcome TEXT NOT NULL, status_code INTEGER, "
+        "error TEXT, duration_ms REAL, at REAL NOT NULL)"
+    )
+    db.execute("CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries (endpoint, event_id)")
+    db.execute("CREATE INDEX webhook_deliveries_at ON webhook_deliveries (at)")
+
+
 MIGRATIONS: list[Migration] = [
     _v1_initial,
     _v2_portable_uploads,
@@ -322,6 +334,7 @@ MIGRATIONS: list[Migration] = [
     _v5_events,
     _v6_replication,
     _v7_access_control,
+    _v8_webhooks,
 ]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 

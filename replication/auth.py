@@ -3,9 +3,16 @@
 A request goes out with the credentials last known to work for its repository. On a
 401 the challenge decides: ``Basic`` → retry with the username and password;
 ``Bearer realm=...,service=...,scope=...`` → fetch a token from the realm (with the
-credentials as Basic, or anonymously) and retry with it. Tokens are cached per
-repository with their expiry and refreshed before they lapse, because a request with a
-streamed body (a chunk of a blob) cannot be sent twice.
+credentials as Basic, or anonymously) and retry with it.
+
+Scopes, as Docker clients do: a token is asked for ``pull,push`` on the request's
+repository whatever the challenge named (a HEAD is challenged for ``pull`` only, and the
+upload that follows must not need a second round trip; the token server grants only the
+permitted subset), plus what the request says it needs besides (a cross-repository mount
+needs ``pull`` on the source: ``extensions={"scopes": [...]}``). Tokens are cached per
+repository with the scopes they were asked for and their expiry, and refreshed *before*
+a request that needs more or after they lapse, because a request with a streamed body
+(a chunk of a blob) cannot be sent twice.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import base64
 import re
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -22,6 +29,7 @@ import httpx
 _PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
 _REPOSITORY = re.compile(r"^/v2/(.+?)/(?:blobs|manifests|tags|referrers)/")
 REFRESH_MARGIN_SECONDS = 15.0
+SCOPES = "scopes"  # the request extension naming scopes a request needs beyond its repository's
 
 
 class AuthFailed(Exception):
@@ -51,6 +59,18 @@ def scope_key(url: httpx.URL) -> str:
     return match.group(1) if match else ""
 
 
+def merge_scopes(scopes: Iterable[str]) -> frozenset[str]:
+    """``repository:a:pull`` and ``repository:a:push`` make ``repository:a:pull,push``."""
+    actions: dict[tuple[str, str], set[str]] = {}
+    for scope in scopes:
+        kind, _, rest = scope.partition(":")
+        name, _, wanted = rest.rpartition(":")
+        if not name:
+            continue
+        actions.setdefault((kind, name), set()).update(a for a in wanted.split(",") if a)
+    return frozenset(f"{kind}:{name}:{','.join(sorted(acts))}" for (kind, name), acts in actions.items())
+
+
 def replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
@@ -59,7 +79,7 @@ def replayable(request: httpx.Request) -> bool:
 class _Token:
     value: str
     expires_at: float
-    challenge: Challenge
+    scopes: frozenset[str]
 
 
 class RegistryAuth(httpx.Auth):
@@ -77,6 +97,7 @@ class RegistryAuth(httpx.Auth):
             "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode() if username else ""
         )
         self._basic = False  # the registry asked for Basic once: send it up front from then on
+        self._realm: Challenge | None = None  # the registry's token realm, once it has named it
         self._tokens: dict[str, _Token] = {}
         self._lock = threading.Lock()
         self._token_http = httpx.Client(verify=verify, timeout=timeout, transport=transport)
@@ -86,7 +107,10 @@ class RegistryAuth(httpx.Auth):
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         key = scope_key(request.url)
-        self._authorize(request, key)
+        wanted = merge_scopes(
+            [*([f"repository:{key}:pull,push"] if key else []), *request.extensions.get(SCOPES, [])]
+        )
+        self._authorize(request, key, wanted)
         response = yield request
         if response.status_code != 401:
             return
@@ -95,9 +119,11 @@ class RegistryAuth(httpx.Auth):
             return
         if challenge.scheme == "basic" and self._credentials is not None:
             self._basic = True
-            self._apply_basic(request)
+            request.headers["Authorization"] = self._basic_header
         elif challenge.scheme == "bearer" and "realm" in challenge.params:
-            token = self._fetch_token(challenge)
+            self._realm = challenge
+            named = challenge.params.get("scope", "").split()
+            token = self._fetch_token(challenge, merge_scopes([*named, *wanted]))
             with self._lock:
                 self._tokens[key] = token
             request.headers["Authorization"] = f"Bearer {token.value}"
@@ -107,27 +133,26 @@ class RegistryAuth(httpx.Auth):
             yield request
         # A streamed body is gone: the caller sees the 401 and retries (now with credentials).
 
-    def _authorize(self, request: httpx.Request, key: str) -> None:
+    def _authorize(self, request: httpx.Request, key: str, wanted: frozenset[str]) -> None:
         with self._lock:
             token = self._tokens.get(key)
+        stale = token is not None and time.time() > token.expires_at - REFRESH_MARGIN_SECONDS
+        lacking = token is None or not wanted <= token.scopes
+        if self._realm is not None and (stale or lacking):
+            # We know where tokens come from: get the right one before sending, not after a 401.
+            token = self._fetch_token(self._realm, merge_scopes([*(token.scopes if token else ()), *wanted]))
+            with self._lock:
+                self._tokens[key] = token
         if token is not None:
-            if time.time() > token.expires_at - REFRESH_MARGIN_SECONDS:
-                token = self._fetch_token(token.challenge)
-                with self._lock:
-                    self._tokens[key] = token
             request.headers["Authorization"] = f"Bearer {token.value}"
         elif self._basic:
-            self._apply_basic(request)
+            request.headers["Authorization"] = self._basic_header
 
-    def _apply_basic(self, request: httpx.Request) -> None:
-        request.headers["Authorization"] = self._basic_header
-
-    def _fetch_token(self, challenge: Challenge) -> _Token:
+    def _fetch_token(self, challenge: Challenge, scopes: frozenset[str]) -> _Token:
         params: list[tuple[str, str]] = []
         if "service" in challenge.params:
             params.append(("service", challenge.params["service"]))
-        for scope in challenge.params.get("scope", "").split():
-            params.append(("scope", scope))
+        params.extend(("scope", scope) for scope in sorted(scopes))
         try:
             response = self._token_http.get(challenge.params["realm"], params=params, auth=self._credentials)
         except httpx.HTTPError as exc:
@@ -142,4 +167,4 @@ class RegistryAuth(httpx.Auth):
             raise AuthFailed("token realm answered something that is not a token") from exc
         if not isinstance(value, str) or not value:
             raise AuthFailed("token realm answered without a token")
-        return _Token(value, time.time() + expires_in, challenge)
+        return _Token(value, time.time() + expires_in, scopes)

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from cargohold.engine.digests import digest_bytes, is_digest
-from cargohold.replication.auth import RegistryAuth
+from cargohold.replication.auth import SCOPES, RegistryAuth
 
 MANIFEST_ACCEPT = ", ".join(
     (
@@ -232,6 +232,7 @@ class RegistryClient:
             f"/v2/{repository}/blobs/uploads/",
             params={"mount": digest, "from": source},
             headers={"Content-Length": "0"},
+            extensions={SCOPES: [f"repository:{source}:pull"]},  # a token must cover the source too
         )
         self._check(response, 201, 202)
         if response.status_code == 201:

@@ -16,6 +16,9 @@ goes to the dead letters: it is never forced, and never retried until someone ac
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,12 +48,39 @@ class CopyOutcome:
     actions: list[str] = field(default_factory=list)
 
 
+class KeyedLocks:
+    """One lock per key, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[Hashable, list[Any]] = {}  # key -> [lock, holders and waiters]
+
+    @contextmanager
+    def hold(self, key: Hashable) -> Iterator[None]:
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+
 class Copier:
-    def __init__(self, source: Side, sink: Side, rule: CompiledRule, job: Job) -> None:
+    def __init__(
+        self, source: Side, sink: Side, rule: CompiledRule, job: Job, blob_locks: KeyedLocks | None = None
+    ) -> None:
         self.source = source
         self.sink = sink
         self.rule = rule
         self.job = job
+        # Jobs running side by side often share layers (a base image): one sends a blob while the
+        # others wait for it, then find it there (HEAD) or mount it, instead of sending it too.
+        self.blob_locks = blob_locks or KeyedLocks()
         self.outcome = CopyOutcome()
         self._blobs_done: set[tuple[str, str]] = set()
         self._manifests_done: set[tuple[str, str]] = set()
@@ -138,6 +168,11 @@ class Copier:
         if (destination, digest) in self._blobs_done:
             return
         self.job.touch()
+        with self.blob_locks.hold((self.sink.name, digest)):
+            self._copy_blob(repository, destination, digest, size)
+        self._blobs_done.add((destination, digest))
+
+    def _copy_blob(self, repository: str, destination: str, digest: str, size: int) -> None:
         if self.sink.has_blob(destination, digest) or (
             self.job.resume_point(digest) is None and self.sink.mount_blob(destination, digest)
         ):
@@ -154,7 +189,6 @@ class Copier:
             self.job.count(blobs_sent=1)
             self.outcome.actions.append(f"sent blob {digest} ({size} bytes)")
         self.sink.blob_arrived(destination, digest)
-        self._blobs_done.add((destination, digest))
 
 
 def describe(outcome: CopyOutcome) -> dict[str, Any]:

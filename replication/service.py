@@ -36,7 +36,7 @@ from cargohold.engine.jobs import _dead_local_process as dead_local_process
 from cargohold.engine.metadata import Conn
 from cargohold.engine.metadata_events import JobRow, NewJob, ReplicationQueries
 from cargohold.replication.client import RegistryClient, RemoteError
-from cargohold.replication.copier import Copier
+from cargohold.replication.copier import Copier, KeyedLocks
 from cargohold.replication.rules import MANIFEST_JOB, TAG_JOB, CompiledRule, has_wildcard
 from cargohold.replication.sides import LocalSide, RemoteSide, Side
 
@@ -171,10 +171,12 @@ class ReconcileReport:
     in_sync: int = 0
     jobs_enqueued: int = 0
     differences: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # repositories that could not be compared
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
         data["differences"] = self.differences[:100]
+        data["errors"] = self.errors[:100]
         return data
 
 
@@ -214,6 +216,7 @@ class ReplicationService:
         self._throttles = {name: Throttle(target.rate_limit) for name, target in self.targets.items()}
         self._slots = {name: threading.BoundedSemaphore(t.concurrency) for name, t in self.targets.items()}
         self._lock = threading.Lock()
+        self._blob_locks = KeyedLocks()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="replication")
         self._inflight: set[Future[bool]] = set()
@@ -295,6 +298,7 @@ class ReplicationService:
             self._recovered_at = time.monotonic()
             self.recover()
         self.dispatch()
+        self._inflight = {future for future in self._inflight if not future.done()}
         started = self._submit(list(self.rules))
         if time.monotonic() - self._housekept_at > HOUSEKEEPING_SECONDS:
             self._housekept_at = time.monotonic()
@@ -350,8 +354,7 @@ class ReplicationService:
 
     # -- running jobs ------------------------------------------------------------------------
     def _submit(self, rules: Sequence[str]) -> int:
-        self._inflight = {future for future in self._inflight if not future.done()}
-        free = self.settings.workers - len(self._inflight)
+        free = self.settings.workers - sum(1 for future in self._inflight if not future.done())
         if free <= 0 or self._stop.is_set():
             return 0
         due = self.queries.next_due(self.registry.store.read(), rules)
@@ -373,7 +376,7 @@ class ReplicationService:
         try:
             with self._slots[rule.rule.target]:
                 source, sink = self.sides(rule)
-                copier = Copier(source, sink, rule, job)
+                copier = Copier(source, sink, rule, job, self._blob_locks)
                 if row.kind == TAG_JOB:
                     outcome = copier.sync_tag(row.repository, row.name)
                 elif row.kind == MANIFEST_JOB:
@@ -443,7 +446,10 @@ class ReplicationService:
             jobs: list[NewJob] = []
             for repository in self._source_repositories(rule, source):
                 report.repositories += 1
-                jobs.extend(self._compare(rule, source, sink, repository, report))
+                try:
+                    jobs.extend(self._compare(rule, source, sink, repository, report))
+                except RemoteError as exc:  # this repository only (denied...): the others go on
+                    report.errors.append(f"{repository}: {exc}")
             now = time.time()
             with self.registry.store.write() as conn:
                 report.jobs_enqueued = self.queries.enqueue(conn, jobs, now)
