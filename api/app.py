@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cargohold.api")
 
 UPLOAD_SWEEP_SECONDS = 600.0
+AUDIT_PRUNE_SECONDS = 3600.0
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
 
@@ -90,6 +91,8 @@ def create_app(
             asyncio.create_task(_every(FLUSH_INTERVAL_SECONDS, registry.activity.flush, "activity flush")),
             asyncio.create_task(_every(UPLOAD_SWEEP_SECONDS, registry.expire_uploads, "upload expiry")),
         ]
+        if access is not None:  # the audit log keeps auth.audit_keep
+            chores.append(asyncio.create_task(_every(AUDIT_PRUNE_SECONDS, access.prune_audit, "audit prune")))
         try:
             yield
         finally:

@@ -141,6 +141,9 @@ class AccessControl:
         self._failed_cache: dict[bytes, float] = {}
         self._lock = threading.Lock()
 
+    def prune_audit(self) -> int:
+        return self.audit.prune(self.settings.audit_keep)
+
     # -- credentials ------------------------------------------------------------------------
     def check_password(self, name: str, secret: str) -> Identity | None:
         """Verify basic credentials. argon2 is slow on purpose, so outcomes are remembered

@@ -118,3 +118,20 @@ def test_without_auth_section_nothing_is_in_front(tmp_path: Path) -> None:
     assert not isinstance(app.app, AuthGate)  # type: ignore[attr-defined]
     guarded = create_asgi_app(load_settings(data_dir=tmp_path, metrics=False, auth={}))
     assert isinstance(guarded.app, AuthGate)  # type: ignore[attr-defined]
+
+
+def test_audit_prune_keeps_recent_entries(tmp_path: Path) -> None:
+    from cargohold.engine.audit import AuditLog
+
+    audit = AuditLog(MetadataStore(tmp_path / "m.db"))
+    audit.record("alice", "push", repository="a", at=time.time() - 100 * 86400)
+    audit.record("alice", "push", repository="b", address="10.0.0.1", detail={"kind": "manifest"})
+    assert audit.prune(90 * 86400) == 1
+    (entry,) = audit.entries()
+    assert (entry.actor, entry.repository, entry.address, entry.detail) == (
+        "alice",
+        "b",
+        "10.0.0.1",
+        {"kind": "manifest"},
+    )
+    assert audit.entries(actor="bob") == [] and audit.entries(since=time.time() + 10) == []
