@@ -135,3 +135,39 @@ def test_audit_prune_keeps_recent_entries(tmp_path: Path) -> None:
         {"kind": "manifest"},
     )
     assert audit.entries(actor="bob") == [] and audit.entries(since=time.time() + 10) == []
+
+
+def test_basic_on_v2_can_be_switched_off(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    Identities(MetadataStore(tmp_path / "metadata.db")).add_user("alice", "alice-password")
+    settings = load_settings(
+        data_dir=tmp_path,
+        metrics=False,
+        auth={
+            "basic": False,
+            "external_url": "https://registry.example.com/",
+            "default": {"pull": ["alice"]},
+        },
+    )
+    app = create_asgi_app(settings)
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as client:
+            refused = await client.get("/v2/", auth=("alice", "alice-password"))
+            assert refused.status_code == 401
+            challenge = refused.headers["www-authenticate"]
+            assert challenge.startswith('Bearer realm="https://registry.example.com/auth/token"')
+            token = await client.get(
+                "/auth/token", params={"scope": "repository:a/b:pull"}, auth=("alice", "alice-password")
+            )
+            assert token.status_code == 200
+            headers = {"Authorization": f"Bearer {token.json()['token']}"}
+            assert (await client.get("/v2/", headers=headers)).status_code == 200
+            # alice may pull a/b, so she sees its real 404
+            assert (await client.get("/v2/a/b/tags/list", headers=headers)).status_code == 404
+
+    asyncio.run(scenario())
