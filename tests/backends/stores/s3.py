@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -111,12 +112,14 @@ def _weed() -> str:
 
 
 def _free_block(size: int) -> int:
-    """The first of ``size`` consecutive free ports (checked with SO_REUSEADDR, as servers bind)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        if first + size <= 65536 and all(_port_is_free(port) for port in range(first, first + size)):
+    """The first of ``size`` consecutive free ports (checked with SO_REUSEADDR, as servers bind).
+
+    Taken below the kernel's ephemeral range (32768 and up), where other test servers and every
+    outgoing connection get their ports: a block there can be taken between check and bind.
+    """
+    for _ in range(200):
+        first = random.randrange(20000, 32000 - size)
+        if all(_port_is_free(port) for port in range(first, first + size)):
             return first
     raise RuntimeError(f"no {size} consecutive free ports on 127.0.0.1")
 
@@ -202,17 +205,32 @@ def s3_server() -> Iterator[SeaweedServer]:
     directory = Path(tempfile.mkdtemp(prefix="cargohold-seaweedfs-"))
     (directory / "data").mkdir()
     (directory / "logs").mkdir()
-    first = _free_block(PORTS)
-    server = SeaweedServer(first, directory)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     log = directory / "weed.log"
     proc = None
+    first = 0
     try:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                _command(weed, directory, first), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=directory
-            )
-        _wait_ready(proc, server, log)
+        for attempt in range(3):  # a port of the block may still be taken between check and bind
+            first = _free_block(PORTS)
+            server = SeaweedServer(first, directory)
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    _command(weed, directory, first),
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=directory,
+                )
+            try:
+                _wait_ready(proc, server, log)
+                break
+            except pytest.fail.Exception:
+                if attempt == 2 or "address already in use" not in log.read_text():
+                    raise
+                _stop(proc, directory / "unused", first)
+                for sub in ("data", "logs"):  # start the next attempt from nothing
+                    shutil.rmtree(directory / sub, ignore_errors=True)
+                    (directory / sub).mkdir()
         yield server
     finally:
         _stop(proc, directory, first)
