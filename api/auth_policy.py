@@ -16,16 +16,11 @@ from dataclasses import dataclass
 
 from cargohold.config import AuthSettings
 from cargohold.engine.identities import Identity
+from cargohold.engine.names import repository_glob
 
 ACTIONS = ("pull", "push", "delete")
 ALL = frozenset(ACTIONS)
 NOTHING: frozenset[str] = frozenset()
-
-
-def glob_to_regex(glob: str) -> re.Pattern[str]:
-    parts = re.split(r"(\*\*|\*)", glob)
-    body = "".join(".*" if p == "**" else "[^/]*" if p == "*" else re.escape(p) for p in parts)
-    return re.compile(body)
 
 
 def _specificity(rule: _Rule) -> tuple[int, int]:
@@ -46,7 +41,7 @@ class Policies:
         rules = [
             _Rule(
                 p.repositories,
-                glob_to_regex(p.repositories),
+                repository_glob(p.repositories),
                 {"pull": frozenset(p.pull), "push": frozenset(p.push), "delete": frozenset(p.delete)},
             )
             for p in settings.policies

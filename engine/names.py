@@ -6,7 +6,9 @@ storage root nor smuggle anything into SQL (which is parametrized anyway).
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Callable
 
 from cargohold.engine.errors import ManifestInvalid, NameInvalid
 
@@ -29,3 +31,20 @@ def check_tag(tag: str) -> str:
     if not is_valid_tag(tag):
         raise ManifestInvalid("invalid tag", detail={"tag": tag[:128]})
     return tag
+
+
+def repository_glob(pattern: str) -> re.Pattern[str]:
+    """A repository glob, as every feature that scopes by repository reads it (retention,
+    replication, webhooks, permissions): ``*`` and ``?`` stay within one path component,
+    ``**`` spans components, and ``**/`` may match nothing (``team/**/app`` matches ``team/app``)."""
+    parts = re.split(r"(\*\*/|\*\*|\*|\?)", pattern)
+    wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+    return re.compile("".join(wildcards.get(part, re.escape(part)) for part in parts))
+
+
+def tag_matcher(pattern: str) -> Callable[[str], bool]:
+    """A tag pattern: a case-sensitive glob, or ``re:<regex>``; either must match the whole tag."""
+    if pattern.startswith("re:"):
+        regex = re.compile(pattern[3:])
+        return lambda tag: regex.fullmatch(tag) is not None
+    return lambda tag: fnmatch.fnmatchcase(tag, pattern)

@@ -6,7 +6,6 @@ the time, and returns decisions; nothing here reads or writes the store.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -15,6 +14,7 @@ from typing import Literal
 
 from cargohold.config import RetentionPolicy
 from cargohold.engine.inventory import ManifestInfo, RepositoryInventory
+from cargohold.engine.names import repository_glob, tag_matcher
 
 Action = Literal["delete manifest", "delete tags", "keep"]
 Role = Literal["image", "referrer", "child"]
@@ -33,21 +33,6 @@ class Decision:
     follows: str | None = None  # the subject or index whose fate this dependent shares
     overrides: str | None = None  # for "keep": the delete rule the keep rule beat
     freed_bytes: int = 0  # unique bytes the GC frees once this manifest is gone
-
-
-def repository_glob(pattern: str) -> re.Pattern[str]:
-    """``*`` and ``?`` stay within one path component, ``**`` spans them (``**/`` may match nothing)."""
-    parts = re.split(r"(\*\*/|\*\*|\*|\?)", pattern)
-    wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
-    return re.compile("".join(wildcards.get(part, re.escape(part)) for part in parts))
-
-
-def tag_matcher(pattern: str) -> Callable[[str], bool]:
-    """A glob (``fnmatch``, case-sensitive) or ``re:<regex>``; either must match the whole tag."""
-    if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
-        return lambda tag: regex.fullmatch(tag) is not None
-    return lambda tag: fnmatch.fnmatchcase(tag, pattern)
 
 
 @dataclass

@@ -8,7 +8,6 @@ one job, and jobs that run out of order still converge on the source's state.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,27 +15,13 @@ from dataclasses import dataclass, field
 from cargohold.config import ReplicationRule
 from cargohold.engine.events import DELETE, PUSH, TAG, UNTAG, Event
 from cargohold.engine.metadata_events import NewJob
+from cargohold.engine.names import repository_glob, tag_matcher
 
 TAG_JOB = "tag"
 MANIFEST_JOB = "manifest"
 # The OCI referrers tag schema (``sha256-<hex>``, also cosign's ``sha256-<hex>.sig``): these tags
 # index referrers on registries without the referrers API; referrers are copied as referrers.
 REFERRER_TAG = re.compile(r"(sha256-[0-9a-f]{64}|sha512-[0-9a-f]{128})(\.[A-Za-z0-9_-]+)?")
-
-
-def repository_glob(pattern: str) -> re.Pattern[str]:
-    """``*`` and ``?`` stay within one path component, ``**`` spans them (as retention's globs)."""
-    parts = re.split(r"(\*\*/|\*\*|\*|\?)", pattern)
-    wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
-    return re.compile("".join(wildcards.get(part, re.escape(part)) for part in parts))
-
-
-def tag_matcher(pattern: str) -> Callable[[str], bool]:
-    """A glob (case-sensitive) or ``re:<regex>``; either must match the whole tag."""
-    if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
-        return lambda tag: regex.fullmatch(tag) is not None
-    return lambda tag: fnmatch.fnmatchcase(tag, pattern)
 
 
 def has_wildcard(pattern: str) -> bool:

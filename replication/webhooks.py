@@ -42,7 +42,7 @@ from cargohold.config import WebhookEndpoint, WebhookSettings
 from cargohold.engine import Registry
 from cargohold.engine.events import Event
 from cargohold.engine.metadata_events import WebhookQueries
-from cargohold.replication.rules import repository_glob
+from cargohold.engine.names import repository_glob
 
 log = logging.getLogger(__name__)
 LEASE = "webhooks"
