@@ -19,7 +19,8 @@ from cargohold.engine.metadata import MetadataStore
 from cargohold.engine.metadata_jobs import JobQueries, JobRun
 
 
-def _dead_local_process(owner: str) -> bool:
+def dead_local_process(owner: str) -> bool:
+    """True when ``owner`` (host:pid:nonce) names a process of this host that no longer exists."""
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
     if host != socket.gethostname() or not pid_text.isdigit():
@@ -54,7 +55,7 @@ class JobLedger:
             if self.queries.acquire_lease(conn, name, self.owner, ttl, now):
                 return True
             holder = self.queries.lease_owner(conn, name)
-            if holder is not None and _dead_local_process(holder):
+            if holder is not None and dead_local_process(holder):
                 return self.queries.take_over_lease(conn, name, holder, self.owner, ttl, now)
             return False
 

@@ -32,7 +32,7 @@ from cargohold.config import ReplicationSettings, ReplicationTarget
 from cargohold.engine import Registry
 from cargohold.engine.errors import Denied, ManifestInvalid, NameInvalid, ReadOnly, Unsupported
 from cargohold.engine.events import Event
-from cargohold.engine.jobs import _dead_local_process as dead_local_process
+from cargohold.engine.jobs import dead_local_process
 from cargohold.engine.metadata import Conn
 from cargohold.engine.metadata_events import JobRow, NewJob, ReplicationQueries
 from cargohold.replication.client import RegistryClient, RemoteError
