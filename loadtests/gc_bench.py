@@ -39,11 +39,11 @@ if str(ROOT) not in sys.path:  # also runnable as `python loadtests/gc_bench.py`
     sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-import psutil  # noqa: E402
 
 from loadtests import oci  # noqa: E402
 from loadtests.bench import format_table, wait_for_idle  # noqa: E402
 from loadtests.harness import Row, log  # noqa: E402
+from loadtests.rss import _tree_pids  # noqa: E402
 from tests.support.servers import RegistryProcess, cargohold_command  # noqa: E402
 
 CH, DIST = "cargohold", "distribution"
@@ -263,7 +263,7 @@ def _link(digest: str) -> bytes:
 def distribution_write_layout(storage: Path, entries: list[Entry]) -> None:
     """Write what Distribution 2.8's filesystem driver writes for a pushed image.
 
-    Checked against a real push (a DELETE too): blob data under
+    Checked against what a real push leaves on disk: blob data under
     ``blobs/sha256/<2>/<hex>/data`` (the manifest is a blob too), a ``_layers`` link per
     config and layer, a revision link for the manifest, and the tag's ``current`` and
     ``index`` links.
@@ -617,18 +617,15 @@ class GCLoop:
 
 
 def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process and its descendants so far."""
+    """User + system CPU seconds of a process and its descendants so far (from /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    for proc in procs:
+    for each in _tree_pids(pid):
         try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     return total
 
 
