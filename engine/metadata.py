@@ -98,19 +98,30 @@ class MetadataStore:
         return conn
 
     @contextmanager
-    def write(self) -> Iterator[Conn]:
-        """One immediate transaction; rolled back on any exception."""
+    def write(self, durable: bool = True) -> Iterator[Conn]:
+        """One immediate transaction; rolled back on any exception.
+
+        ``durable=False`` skips the fsync of this commit (it survives a crash of the process,
+        not a power loss): only for bookkeeping that the next run redoes if it is lost, such
+        as forgetting copies that are already deleted.
+        """
         conn = self._conn()
+        if not durable:
+            conn.execute("PRAGMA synchronous = NORMAL")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StorageUnavailable(f"metadata store busy: {exc}") from exc
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StorageUnavailable(f"metadata store busy: {exc}") from exc
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous = FULL")
 
     def read(self) -> Conn:
         return self._conn()

@@ -326,6 +326,11 @@ def _v8_webhooks(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX webhook_deliveries_at ON webhook_deliveries (at)")
 
 
+def _v9_collection_order(db: sqlite_utils.Database) -> None:
+    """The GC's mark walks unreferenced live blobs in digest order without sorting them all."""
+    db.execute("CREATE INDEX blobs_collectible ON blobs (manifest_refs, state, digest)")
+
+
 MIGRATIONS: list[Migration] = [
     _v1_initial,
     _v2_portable_uploads,
@@ -335,6 +340,7 @@ MIGRATIONS: list[Migration] = [
     _v6_replication,
     _v7_access_control,
     _v8_webhooks,
+    _v9_collection_order,
 ]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 
