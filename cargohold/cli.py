@@ -163,6 +163,7 @@ def gc(dry_run: bool, grace: str | None, history: bool, as_json: bool) -> None:
                 dry_run=dry_run,
                 delete_orphan_referrers=settings.gc.delete_orphan_referrers,
                 progress=progress,
+                pause_ratio=settings.gc.pause_ratio,
             )
         except JobAlreadyRunning:
             raise click.ClickException("another garbage collection is running") from None

@@ -143,6 +143,9 @@ class GCSettings(BaseModel):
     schedule: str | None = None  # crontab, e.g. "0 3 * * *" (six fields: seconds first)
     grace_period: Duration = 3600.0  # nothing touched more recently than this is collected
     delete_orphan_referrers: bool = True
+    # After each sweep batch, pause this many times as long as the batch took, so pushes get
+    # the write lock and CPU in between (0: sweep flat out). 1.0 halves the GC's duty cycle.
+    pause_ratio: float = Field(0.0, ge=0.0, le=10.0)
 
     @field_validator("schedule")
     @classmethod

@@ -122,6 +122,7 @@ def _scheduler_hooks(
                     registry,
                     grace_seconds=gc.grace_period,
                     delete_orphan_referrers=gc.delete_orphan_referrers,
+                    pause_ratio=gc.pause_ratio,
                 ),
             )
         )

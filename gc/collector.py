@@ -66,6 +66,7 @@ def collect(
     dry_run: bool = False,
     delete_orphan_referrers: bool = True,
     progress: Progress | None = None,
+    pause_ratio: float = 0.0,
 ) -> GCReport:
     """One GC run under the GC lease; raises ``JobAlreadyRunning`` if another one is going."""
     report = GCReport(dry_run=dry_run, grace_seconds=grace_seconds)
@@ -75,7 +76,7 @@ def collect(
         run_id = registry.jobs.start_run("gc", dry_run)
         status = "failed"
         try:
-            _run(registry, report, delete_orphan_referrers, progress or (lambda _step, _n: None))
+            _run(registry, report, delete_orphan_referrers, progress or (lambda _step, _n: None), pause_ratio)
             status = "succeeded" if not report.errors else "partial"
         finally:
             report.finished_at = time.time()
@@ -83,7 +84,7 @@ def collect(
     return report
 
 
-def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress) -> None:
+def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress, pause_ratio: float) -> None:
     collection = registry.collection
     cutoff = time.time() - report.grace_seconds
     if report.dry_run:
@@ -106,6 +107,7 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
                 pass  # deleted by someone else meanwhile
 
     for page in collection.mark(cutoff):
+        started = time.monotonic()
         registry.jobs.acquire(LEASE, LEASE_TTL)  # renew: a long sweep keeps its lease
         swept = collection.sweep([blob.digest for blob in page], cutoff)
         progress("sweep", len(page))
@@ -114,6 +116,8 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
             report.blobs_deleted += purged.deleted
             report.bytes_freed += purged.bytes
             report.errors.extend(f"could not delete {key}" for key in purged.failed)
+        if pause_ratio:
+            time.sleep((time.monotonic() - started) * pause_ratio)
 
     leaks = collection.leaks(cutoff)
     if leaks:

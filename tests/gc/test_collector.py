@@ -218,3 +218,22 @@ def test_gc_runs_while_pushes_go_on(registry: Registry) -> None:
         assert got.data == manifest
         for layer in (shared,):
             assert b"".join(registry.open_blob(repository, digest_of(layer)).read()) == layer
+
+
+def test_pause_ratio_yields_between_sweep_batches(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cargohold.gc.collector as collector
+
+    pauses: list[float] = []
+    monkeypatch.setattr(collector.time, "sleep", pauses.append)
+    for i in range(3):
+        push_blob(registry, "r", os.urandom(100 + i))
+    age_everything(registry)
+    collect(registry, grace_seconds=0, pause_ratio=0.0)
+    assert pauses == []
+    for i in range(3):
+        push_blob(registry, "r", os.urandom(200 + i))
+    age_everything(registry)
+    assert collect(registry, grace_seconds=0, pause_ratio=1.0).blobs_deleted == 3
+    assert len(pauses) == 1 and pauses[0] > 0
