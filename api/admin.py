@@ -140,18 +140,7 @@ class AdminAPI:
         if not self._authorized(request):
             return _error(401, "admin token required")
         usage = await run_in_threadpool(self.registry.usage)
-        return JSONResponse(
-            {
-                "blobs": usage.blobs,
-                "stored_bytes": usage.stored_bytes,
-                "logical_bytes": usage.logical_bytes,
-                "dedup_savings_bytes": usage.dedup_savings_bytes,
-                "repositories": [
-                    {**dataclasses.asdict(repo), "shared_bytes": repo.shared_bytes}
-                    for repo in usage.repositories
-                ],
-            }
-        )
+        return JSONResponse(usage.as_dict())
 
     async def retention_policies(self, request: Request) -> Response:
         """GET the policies in force; PUT {"policies": [...]} to override the config file's

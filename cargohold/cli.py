@@ -403,26 +403,11 @@ def replicate_retry(rule: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def du(as_json: bool) -> None:
     """Storage use per repository and the dedup savings of the whole store."""
-    import dataclasses
     import json
 
     usage = _open_registry().usage()
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "blobs": usage.blobs,
-                    "stored_bytes": usage.stored_bytes,
-                    "logical_bytes": usage.logical_bytes,
-                    "dedup_savings_bytes": usage.dedup_savings_bytes,
-                    "repositories": [
-                        {**dataclasses.asdict(repo), "shared_bytes": repo.shared_bytes}
-                        for repo in usage.repositories
-                    ],
-                },
-                indent=2,
-            )
-        )
+        click.echo(json.dumps(usage.as_dict(), indent=2))
         return
     click.echo(f"{'REPOSITORY':<40} {'BLOBS':>7} {'REFERENCED':>12} {'UNIQUE':>12} {'SHARED':>12}")
     for repo in usage.repositories:

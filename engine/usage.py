@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from cargohold.engine.metadata import MetadataStore
 from cargohold.engine.metadata_jobs import JobQueries
@@ -34,6 +35,18 @@ class Usage:
     @property
     def dedup_savings_bytes(self) -> int:
         return max(0, self.logical_bytes - self.stored_bytes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape the CLI and the admin API both print."""
+        return {
+            "blobs": self.blobs,
+            "stored_bytes": self.stored_bytes,
+            "logical_bytes": self.logical_bytes,
+            "dedup_savings_bytes": self.dedup_savings_bytes,
+            "repositories": [
+                {**asdict(repo), "shared_bytes": repo.shared_bytes} for repo in self.repositories
+            ],
+        }
 
 
 def measure(store: MetadataStore) -> Usage:

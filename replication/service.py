@@ -37,6 +37,7 @@ from cargohold.engine.metadata import Conn
 from cargohold.engine.metadata_events import JobRow, NewJob, ReplicationQueries
 from cargohold.replication.client import RegistryClient, RemoteError
 from cargohold.replication.copier import Copier, KeyedLocks
+from cargohold.replication.leased_loop import run_leased_loop
 from cargohold.replication.rules import MANIFEST_JOB, TAG_JOB, CompiledRule, has_wildcard
 from cargohold.replication.sides import LocalSide, RemoteSide, Side
 
@@ -274,22 +275,9 @@ class ReplicationService:
             client.close()
 
     def _loop(self) -> None:
-        # An idle round only reads: the lease is renewed a few times per TTL, and processes
-        # that do not hold it try again every few seconds (a dead holder is taken over at once).
-        ttl = max(30.0, 10 * self.settings.poll_interval)
-        holding, next_try = False, 0.0
-        while not self._stop.is_set():
-            try:
-                if time.monotonic() >= next_try:
-                    holding = self.registry.jobs.acquire(LEASE, ttl)
-                    next_try = time.monotonic() + (
-                        ttl / 3 if holding else max(self.settings.poll_interval, 2.0)
-                    )
-                if holding:
-                    self.step()
-            except Exception:
-                log.exception("replication round failed")
-            self._stop.wait(self.settings.poll_interval)
+        run_leased_loop(
+            self.registry.jobs, LEASE, self.settings.poll_interval, self._stop, self.step, "replication"
+        )
 
     def step(self) -> int:
         """One round; returns how many jobs it started."""

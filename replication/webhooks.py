@@ -43,6 +43,7 @@ from cargohold.engine import Registry
 from cargohold.engine.events import Event
 from cargohold.engine.metadata_events import WebhookQueries
 from cargohold.engine.names import repository_glob
+from cargohold.replication.leased_loop import run_leased_loop
 
 log = logging.getLogger(__name__)
 LEASE = "webhooks"
@@ -283,20 +284,9 @@ class WebhookService:
             endpoint.client.close()
 
     def _loop(self) -> None:
-        ttl = max(30.0, 10 * self.settings.poll_interval)
-        holding, next_try = False, 0.0
-        while not self._stop.is_set():
-            try:
-                if time.monotonic() >= next_try:
-                    holding = self.registry.jobs.acquire(LEASE, ttl)
-                    next_try = time.monotonic() + (
-                        ttl / 3 if holding else max(self.settings.poll_interval, 2.0)
-                    )
-                if holding:
-                    self.step()
-            except Exception:
-                log.exception("webhook round failed")
-            self._stop.wait(self.settings.poll_interval)
+        run_leased_loop(
+            self.registry.jobs, LEASE, self.settings.poll_interval, self._stop, self.step, "webhook"
+        )
 
     def step(self) -> None:
         """Start a delivery run for each endpoint with news (one at a time per endpoint)."""
