@@ -24,7 +24,7 @@
     job_runs (id, kind, dry_run, status, started_at, finished_at, summary)   GC/retention reports
     admin_settings (name PK, value, updated_at)          set through the admin API, e.g. retention policies
     events (id AUTOINCREMENT, created_at, action, repository, digest, tag, media_type,
-            artifact_type, subject)   the outbox, written in the same transaction as the change
+            artifact_type, subject, detail)   the outbox, written in the same transaction as the change
     event_cursors (consumer PK, last_id, updated_at)     how far each consumer has read
     replication_jobs (id, rule, repository, kind, name, state, attempts, next_attempt_at, owner,
                       lease_expires_at, progress, last_error, ...)   durable replication work
@@ -33,11 +33,16 @@
     identities (name PK, kind 'user'|'robot', secret_hash, admin, description, created_at, expires_at)
     audit_log (id, at, actor, address, action, repository, detail)   who did what, from where, when
     webhook_deliveries (id, endpoint, event_id, attempt, outcome, status_code, error, at)   every attempt
+    quota_usage (id, pattern UNIQUE, bytes, objects, limit_bytes, warn_bytes, warned, counted_at)
+                     one row per quota namespace (a repository glob): its deduplicated usage
+    quota_objects (quota_id, digest, links, size)   each digest linked into a namespace, once
 
 Refcounts: ``blobs.manifest_refs`` = rows of manifest_references (kind 'blob') naming the
 digest, in any repository; ``blobs.repo_links`` = rows of repository_blobs. Both change
 in the same transaction as the rows they count. ``manifest_content.repo_count`` = rows of
-manifests with that digest.
+manifests with that digest. ``quota_objects.links`` = rows of repository_blobs and manifests
+naming the digest in the namespace's repositories; ``quota_usage.bytes`` = the sum of its
+quota_objects sizes (likewise kept in the same transactions).
 
 Migrations run in one ``BEGIN IMMEDIATE`` transaction, so several worker processes that
 start together apply each one exactly once.
@@ -331,6 +336,25 @@ def _v9_collection_order(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX blobs_collectible ON blobs (manifest_refs, state, digest)")
 
 
+def _v10_quotas(db: sqlite_utils.Database) -> None:
+    """Storage quotas counted with dedup: per namespace (a repository glob), each distinct blob or
+    manifest digest linked into any of its repositories once, kept up to date in the same
+    transactions as repository_blobs and manifests; and events may carry a JSON detail."""
+    db.execute(
+        "CREATE TABLE quota_usage (id INTEGER PRIMARY KEY, pattern TEXT NOT NULL UNIQUE, "
+        "bytes INTEGER NOT NULL DEFAULT 0, objects INTEGER NOT NULL DEFAULT 0, "
+        "limit_bytes INTEGER NOT NULL, warn_bytes INTEGER NOT NULL, warned INTEGER NOT NULL DEFAULT 0, "
+        "counted_at REAL NOT NULL)"
+    )
+    # links: rows of repository_blobs and manifests in the namespace naming the digest.
+    db.execute(
+        "CREATE TABLE quota_objects (quota_id INTEGER NOT NULL, digest TEXT NOT NULL, "
+        "links INTEGER NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (quota_id, digest)) WITHOUT ROWID"
+    )
+    db.execute("CREATE INDEX quota_objects_digest ON quota_objects (digest)")
+    db.execute("ALTER TABLE events ADD COLUMN detail TEXT")
+
+
 MIGRATIONS: list[Migration] = [
     _v1_initial,
     _v2_portable_uploads,
@@ -341,6 +365,7 @@ MIGRATIONS: list[Migration] = [
     _v7_access_control,
     _v8_webhooks,
     _v9_collection_order,
+    _v10_quotas,
 ]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 
