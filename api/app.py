@@ -23,6 +23,7 @@ from cargohold.config import RetentionPolicy
 from cargohold.engine import Registry
 from cargohold.engine.activity import FLUSH_INTERVAL_SECONDS
 from cargohold.engine.errors import RegistryError
+from cargohold.engine.pullthrough import PullThrough
 from cargohold.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ def create_app(
     on_shutdown: Sequence[Callable[[], object]] = (),
     metrics: Callable[[], bytes] | None = None,
     access: AccessControl | None = None,
+    cache: PullThrough | None = None,
 ) -> AccessLog:
     api = DistributionAPI(
         registry,
@@ -68,6 +70,7 @@ def create_app(
         tags_max_n=tags_max_n,
         referrers_page_size=referrers_page_size,
         chunk_min_length=chunk_min_length,
+        cache=cache,
     )
 
     async def live(request: Request) -> Response:

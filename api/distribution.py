@@ -31,6 +31,7 @@ from cargohold.engine.errors import (
     Unsupported,
 )
 from cargohold.engine.manifests import OCI_INDEX
+from cargohold.engine.pullthrough import PullThrough
 
 _DIGITS = re.compile(r"[0-9]{1,9}")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -79,8 +80,10 @@ class DistributionAPI:
         tags_max_n: int,
         referrers_page_size: int,
         chunk_min_length: int,
+        cache: PullThrough | None = None,
     ) -> None:
         self.registry = registry
+        self.cache = cache  # pull-through cache namespaces: reads go through it, pushes are refused
         self.catalog_max_n = catalog_max_n
         self.tags_max_n = tags_max_n
         self.referrers_page_size = referrers_page_size
@@ -102,9 +105,24 @@ class DistributionAPI:
             return await handler(self, request, match.groupdict())
         raise EndpointUnknown(detail={"path": request.url.path[:300]})
 
+    # ---------------------------------------------------------- pull-through cache
+    def _cache_for(self, name: str) -> PullThrough | None:
+        return self.cache if self.cache is not None and self.cache.covers(name) else None
+
+    def _refuse_push(self, name: str) -> None:
+        if self._cache_for(name) is not None:
+            raise Unsupported(
+                "this repository is a pull-through cache of an upstream registry: push there",
+                detail={"name": name},
+            )
+
     # ---------------------------------------------------------------------- blobs
     async def head_blob(self, request: Request, p: dict[str, str]) -> Response:
-        info = self.registry.stat_blob(p["name"], p["digest"])
+        cache = self._cache_for(p["name"])
+        if cache is not None:
+            info = await run_in_threadpool(cache.stat_blob, p["name"], p["digest"])
+        else:
+            info = self.registry.stat_blob(p["name"], p["digest"])
         return Response(
             headers={
                 "Content-Length": str(info.size),
@@ -116,7 +134,8 @@ class DistributionAPI:
         )
 
     async def get_blob(self, request: Request, p: dict[str, str]) -> Response:
-        reader = await run_in_threadpool(self.registry.open_blob, p["name"], p["digest"])
+        reads = self._cache_for(p["name"]) or self.registry
+        reader = await run_in_threadpool(reads.open_blob, p["name"], p["digest"])
         headers = {
             "Docker-Content-Digest": reader.digest,
             "Accept-Ranges": "bytes",
@@ -147,6 +166,7 @@ class DistributionAPI:
     # -------------------------------------------------------------------- uploads
     async def start_upload(self, request: Request, p: dict[str, str]) -> Response:
         name, query = p["name"], request.query_params
+        self._refuse_push(name)
         mount = query.get("mount")
         if mount is not None:
             # With access control on, only from repositories the caller may pull (api/auth.py).
@@ -228,7 +248,11 @@ class DistributionAPI:
     async def get_manifest(self, request: Request, p: dict[str, str]) -> Response:
         with_data = request.method == "GET"
         reference = p["reference"]
-        manifest = self.registry.get_manifest(p["name"], reference, with_data=with_data)
+        cache = self._cache_for(p["name"])
+        if cache is not None:
+            manifest = await run_in_threadpool(cache.get_manifest, p["name"], reference, with_data)
+        else:
+            manifest = self.registry.get_manifest(p["name"], reference, with_data=with_data)
         accept = ",".join(request.headers.getlist("accept"))
         if ":" not in reference and not _accepts(accept, manifest.media_type):
             # As Distribution does: a tag whose manifest the client cannot parse is "not
@@ -245,6 +269,7 @@ class DistributionAPI:
         return Response(manifest.data if with_data else b"", headers=headers, media_type=manifest.media_type)
 
     async def put_manifest(self, request: Request, p: dict[str, str]) -> Response:
+        self._refuse_push(p["name"])
         limit = self.registry.limits.manifest_max_bytes
         length = parse_length(request.headers.get("content-length"))
         if length is not None and length > limit:

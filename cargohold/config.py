@@ -345,6 +345,63 @@ class ReplicationSettings(BaseModel):
         return self
 
 
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"  # the OCI repository name grammar
+_CACHE_PREFIX = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+
+
+class CacheUpstream(BaseModel):
+    """A registry mirrored under ``prefix``: pulling ``<prefix>/<name>`` here fetches
+    ``<repository_prefix><name>`` from ``url`` on a miss. Credentials answer Basic or the
+    Docker bearer-token flow (without them, anonymous tokens, as Docker Hub gives)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = Field(pattern=f"^{_CACHE_PREFIX.pattern}$", max_length=200)
+    url: str = Field(pattern=r"^https?://[^/]+/?$")  # scheme and host[:port]
+    repository_prefix: str = ""  # prepended on the upstream side, e.g. "library/"
+    username: str | None = None
+    password: str | None = None
+    password_env: str | None = None  # or the name of an environment variable holding it
+    tls_verify: bool = True
+    timeout: Duration = 30.0  # per request (connect, and between bytes)
+    tag_ttl: Duration = 300.0  # a cached tag is asked about again (HEAD) once this old
+
+    def secret(self) -> str | None:
+        return os.environ.get(self.password_env) if self.password_env else self.password
+
+    @field_validator("repository_prefix")
+    @classmethod
+    def _path_prefix(cls, value: str) -> str:
+        if value and not (value.endswith("/") and _CACHE_PREFIX.fullmatch(value[:-1])):
+            raise ValueError('repository_prefix must be a repository path ending in "/", e.g. "library/"')
+        return value
+
+
+class CacheSettings(BaseModel):
+    """Pull-through caches, one upstream per prefix. Absent: off. Pushes under a prefix are
+    refused; everything else of the registry works as ever."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    upstreams: list[CacheUpstream] = Field(min_length=1)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _distinct_prefixes(cls, value: list[CacheUpstream]) -> list[CacheUpstream]:
+        prefixes = [upstream.prefix for upstream in value]
+        for prefix in prefixes:
+            if prefixes.count(prefix) > 1:
+                raise ValueError(f"cache prefix {prefix!r} is configured twice")
+            inner = [other for other in prefixes if other.startswith(prefix + "/")]
+            if inner:
+                raise ValueError(f"cache prefix {inner[0]!r} lies inside {prefix!r}")
+        return value
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        return tuple(upstream.prefix for upstream in self.upstreams)
+
+
 class AccessPolicy(BaseModel):
     """Who may pull, push and delete in the repositories matching ``repositories`` (a glob:
     ``*`` is one path segment, ``**`` any number). Principals are user names, robot names
@@ -476,6 +533,7 @@ class Settings(BaseSettings):
     events: EventSettings = EventSettings()
     replication: ReplicationSettings | None = None
     webhooks: WebhookSettings | None = None
+    cache: CacheSettings | None = None  # pull-through caches of upstream registries
     auth: AuthSettings | None = None
 
     @field_validator("address")

@@ -55,6 +55,7 @@ def open_registry(settings: Settings) -> Registry:
         redirect_expiry_seconds=settings.storage.redirect_expiry_seconds,
         read_only=settings.read_only,
         pull_event_sample_rate=settings.events.pull_sample_rate,
+        pull_through_prefixes=settings.cache.prefixes if settings.cache is not None else (),
     )
     return Registry(
         MetadataStore(settings.metadata_path), InstrumentedBackend(open_backend(settings)), limits
@@ -70,6 +71,7 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
     configure_logging(settings.log_level)
     registry = open_registry(settings)
     start, stop = _scheduler_hooks(settings, registry)
+    cache = open_cache(settings, registry)
     return create_app(
         registry,
         catalog_max_n=settings.limits.catalog_max_n,
@@ -81,10 +83,20 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
         gc_defaults=GCDefaults(settings.gc.grace_period, settings.gc.delete_orphan_referrers),
         retention_policies=settings.retention.policies,
         on_startup=[start],
-        on_shutdown=[stop],
+        on_shutdown=[stop] if cache is None else [stop, cache.close],
         metrics=functools.partial(exposition, StoreCollector(registry)) if settings.metrics else None,
         access=open_access_control(settings, registry),
+        cache=cache,
     )
+
+
+def open_cache(settings: Settings, registry: Registry):  # type: ignore[no-untyped-def]
+    """The pull-through cache of the ``cache:`` section, or None without one."""
+    if settings.cache is None:
+        return None
+    from cargohold.replication.cache import PullThroughCache
+
+    return PullThroughCache(registry, settings.cache)
 
 
 def open_access_control(settings: Settings, registry: Registry):  # type: ignore[no-untyped-def]

@@ -138,3 +138,9 @@ class ReadOnly(Unsupported):
     """The registry is in read-only mode (maintenance, restore): writes answer 405."""
 
     default_message = "the registry is in read-only mode for maintenance; reads still work"
+
+
+class UpstreamUnavailable(StorageUnavailable):
+    """A pull-through cache could not get content from its upstream registry (503)."""
+
+    default_message = "the upstream registry of this pull-through cache is unavailable"

@@ -7,6 +7,7 @@ What "consistent" means (and what each finding's ``kind`` names):
 ``size_mismatch``        the stored object's size differs from the row's
 ``refcount``             a blob's manifest_refs or repo_links differ from the rows they count
 ``dangling_reference``   a manifest references a blob or child manifest that is not there
+                         (not a blob in a pull-through cache namespace: fetched when pulled)
 ``orphan_reference``     reference rows of a manifest that is gone (they pin its blobs)
 ``dangling_tag``         a tag names no manifest of its repository
 ``manifest_bytes``       a manifest row without its stored bytes
@@ -23,6 +24,7 @@ deletes a blob that something references, and never touches a blob's bytes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -74,11 +76,13 @@ def fsck(
     drop_dangling_tags: bool = False,
     leak_grace_seconds: float = 3600.0,
     workers: int = 8,
+    lazy_blobs: Callable[[str], bool] = lambda _repository: False,
 ) -> FsckReport:
+    """``lazy_blobs`` says which repositories fetch their blobs on first pull (caches)."""
     report = FsckReport()
     queries = FsckQueries()
     _check_objects(store, backend, report, repair, workers)
-    _check_rows(store, backend, queries, report, repair, drop_dangling_tags)
+    _check_rows(store, backend, queries, report, repair, drop_dangling_tags, lazy_blobs)
     _check_leaks(store, backend, queries, report, repair, leak_grace_seconds)
     report.finished_at = time.time()
     return report
@@ -124,6 +128,7 @@ def _check_rows(
     report: FsckReport,
     repair: bool,
     drop_tags: bool,
+    lazy_blobs: Callable[[str], bool],
 ) -> None:
     conn = store.read()
     drift = queries.refcount_drift(conn)
@@ -133,6 +138,8 @@ def _check_rows(
     stuck = queries.stuck_tombstones(conn)
     orphans = queries.orphan_references(conn)
     for repository, manifest, target, kind in queries.dangling_references(conn):
+        if kind == "blob" and lazy_blobs(repository):
+            continue
         report.findings.append(
             Finding("dangling_reference", f"{repository}@{manifest}", f"{kind} {target} is missing")
         )

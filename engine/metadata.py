@@ -222,10 +222,13 @@ class MetadataStore:
             # A healthy copy replaces a corrupt one: the corrupt copy can go now.
             self.queue_object_deletion(conn, existing.storage_key, digest, now)
         if existing is None:
+            # Counted, not 0: a pull-through cache stores manifests before their blobs, so
+            # references may already name a digest that arrives only now.
             conn.execute(
-                "INSERT INTO blobs (digest, storage_key, size, state, checksum, created_at, touched_at) "
-                "VALUES (?, ?, ?, 'live', ?, ?, ?)",
-                (digest, storage_key, size, checksum, now, now),
+                "INSERT INTO blobs (digest, storage_key, size, state, checksum, created_at, touched_at, "
+                "manifest_refs) VALUES (?, ?, ?, 'live', ?, ?, ?, (SELECT COUNT(*) FROM manifest_references "
+                "WHERE target_digest = ? AND kind = 'blob'))",
+                (digest, storage_key, size, checksum, now, now, digest),
             )
         else:
             conn.execute(

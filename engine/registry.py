@@ -50,6 +50,7 @@ from cargohold.engine.maintenance import ReadOnlySwitch
 from cargohold.engine.manifests import parse_manifest
 from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow
 from cargohold.engine.names import check_name, check_tag
+from cargohold.engine.pullthrough import namespace_of
 from cargohold.engine.scrub import ScrubReport, scrub
 from cargohold.engine.uploads import UploadSessions, UploadState, backend_call
 from cargohold.engine.usage import Usage, measure
@@ -69,6 +70,8 @@ class RegistryLimits:
     redirect_expiry_seconds: int = 1200
     read_only: bool = False  # the config's default; the admin API can switch it at run time
     pull_event_sample_rate: float = 0.0  # share of manifest pulls recorded as events (0: none)
+    # Repository name prefixes that are pull-through caches (``engine.pullthrough``).
+    pull_through_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +258,17 @@ class Registry:
 
     # ===================================================================== manifests
     def put_manifest(
-        self, repository: str, reference: str, data: bytes, content_type: str | None, tags: Iterable[str] = ()
+        self,
+        repository: str,
+        reference: str,
+        data: bytes,
+        content_type: str | None,
+        tags: Iterable[str] = (),
+        *,
+        lazy_blobs: bool = False,
     ) -> PutManifestResult:
+        """``lazy_blobs`` is for a pull-through cache: its blobs may come later, when first
+        pulled (child manifests must still be there)."""
         self.read_only.check()
         check_name(repository)
         if len(data) > self.limits.manifest_max_bytes:
@@ -291,7 +303,7 @@ class Registry:
             repo_id = self.store.ensure_repository(conn, repository)
             # Checked inside the write transaction: a concurrent GC sweep either tombstoned
             # the blob first (we refuse; the client re-uploads) or it sees our reference.
-            missing = self.store.missing_blobs(conn, repo_id, new.blob_refs)
+            missing = [] if lazy_blobs else self.store.missing_blobs(conn, repo_id, new.blob_refs)
             if missing:
                 raise ManifestBlobUnknown(detail={"digest": missing[0]})
             self._check_blob_sizes(conn, parsed.blobs)
@@ -412,7 +424,14 @@ class Registry:
     # ===================================================================== operations
     def fsck(self, *, repair: bool = False, drop_dangling_tags: bool = False) -> FsckReport:
         """Check that the metadata and the stored bytes agree (``engine.fsck``)."""
-        return fsck(self.store, self.backend, repair=repair, drop_dangling_tags=drop_dangling_tags)
+        prefixes = self.limits.pull_through_prefixes
+        return fsck(
+            self.store,
+            self.backend,
+            repair=repair,
+            drop_dangling_tags=drop_dangling_tags,
+            lazy_blobs=lambda repository: namespace_of(repository, prefixes) is not None,
+        )
 
     def scrub(
         self, *, full: bool = False, rate_bytes_per_second: float = 0.0, max_seconds: float | None = None

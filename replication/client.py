@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,13 @@ class RemoteManifest:
     digest: str
     media_type: str
     data: bytes
+
+
+@dataclass(frozen=True)
+class RemoteBlob:
+    size: int | None  # None when the registry sent no Content-Length
+    chunks: Iterator[bytes]
+    close: Callable[[], None]  # ends the response, whether or not ``chunks`` was read
 
 
 @dataclass(frozen=True)
@@ -203,11 +210,38 @@ class RegistryClient:
 
     # -- blobs -----------------------------------------------------------------------------
     def has_blob(self, repository: str, digest: str) -> bool:
+        return self._head_blob(repository, digest) is not None
+
+    def blob_size(self, repository: str, digest: str) -> int | None:
+        """The blob's size as the registry states it, or None if it does not have it."""
+        response = self._head_blob(repository, digest)
+        if response is None:
+            return None
+        size = _length(response)
+        if size is None:
+            raise RemoteError("HEAD", str(response.request.url), 200, "no Content-Length")
+        return size
+
+    def _head_blob(self, repository: str, digest: str) -> httpx.Response | None:
         response = self.http.head(f"/v2/{repository}/blobs/{digest}")
         if response.status_code == 404:
-            return False
-        self._check(response, 200)
-        return True
+            return None
+        return self._check(response, 200)
+
+    def open_blob(self, repository: str, digest: str) -> RemoteBlob | None:
+        """The whole blob as a stream, with its length if the registry states it; None if
+        the registry does not have it. The caller closes ``chunks`` (or reads it to the end)."""
+        request = self.http.build_request("GET", f"/v2/{repository}/blobs/{digest}")
+        response = self.http.send(request, stream=True, follow_redirects=True)
+        if response.status_code == 404:
+            response.close()
+            return None
+        try:
+            self._check(response, 200)
+        except BaseException:
+            response.close()
+            raise
+        return RemoteBlob(_length(response), _closing(response), response.close)
 
     def read_blob(
         self, repository: str, digest: str, start: int = 0, end: int | None = None
@@ -294,6 +328,11 @@ def _closing(response: httpx.Response) -> Iterator[bytes]:
         yield from response.iter_bytes(1 << 20)
     finally:
         response.close()
+
+
+def _length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
 
 
 def _acknowledged(response: httpx.Response) -> int:
