@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from cargohold.api.accesslog import AccessLineBuffer, AccessLog
 from cargohold.api.admin import AdminAPI, GCDefaults
+from cargohold.api.admin_immutability import ImmutabilityAdminAPI
 from cargohold.api.distribution import DistributionAPI
 from cargohold.api.errors import HANDLERS
 from cargohold.config import RetentionPolicy
@@ -123,6 +124,7 @@ def create_app(
         # With access control, identities with the admin role may use it; the token stays a break-glass.
         admin = AdminAPI(registry, admin_token or "", gc_defaults or GCDefaults(), retention_policies)
         routes.extend(admin.routes())
+        routes.extend(ImmutabilityAdminAPI(registry, admin._authorized).routes())
     if access is not None:  # users, robots and the audit log, for the same admin callers
         from cargohold.api.auth_admin import IdentityAdminAPI
 

@@ -117,11 +117,9 @@ def _open_registry():  # type: ignore[no-untyped-def]
 
 
 def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count} B"
+    from cargohold.engine.usage import human_size
+
+    return human_size(count)
 
 
 @main.command()
@@ -402,7 +400,7 @@ def replicate_retry(rule: str) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def du(as_json: bool) -> None:
-    """Storage use per repository and the dedup savings of the whole store."""
+    """Storage use per repository, the dedup savings of the whole store, and quota use."""
     import json
 
     usage = _open_registry().usage()
@@ -419,6 +417,14 @@ def du(as_json: bool) -> None:
         f"stored {_size(usage.stored_bytes)} in {usage.blobs} blobs; "
         f"without dedup {_size(usage.logical_bytes)}; dedup saves {_size(usage.dedup_savings_bytes)}"
     )
+    if usage.quotas:
+        click.echo(f"\n{'QUOTA':<40} {'USED':>12} {'LIMIT':>12} {'USE':>6}")
+        for quota in usage.quotas:
+            share = quota.as_dict()["used_percent"]
+            click.echo(
+                f"{quota.repositories:<40} {_size(quota.used_bytes):>12} {_size(quota.limit_bytes):>12} "
+                f"{share:>5.1f}%{'  past the warning mark' if quota.warned else ''}"
+            )
 
 
 @main.command("scrub")

@@ -243,6 +243,31 @@ def parse_size(value: object) -> float:
 ByteSize = Annotated[float, BeforeValidator(parse_size), Field(ge=0)]
 
 
+def _one_or_many(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+class ImmutableTagRule(BaseModel):
+    """Tags that, once pushed, never move to another digest and never go, nor does their
+    manifest, except through the admin override (``engine.immutability``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repositories: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(min_length=1)  # globs
+    tags: Annotated[list[TagPattern], BeforeValidator(_one_or_many)] = Field(min_length=1)
+
+
+class QuotaSettings(BaseModel):
+    """A storage quota for the repositories matching a glob (the namespace), counted with
+    dedup: each distinct blob or manifest in the namespace once (``engine.quotas``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repositories: str = Field(min_length=1, max_length=255)  # e.g. "team-a/**"
+    bytes: ByteSize  # e.g. "10GiB"
+    warn_at: float = Field(0.8, gt=0.0, le=1.0)  # a quota.warning event when use crosses this share
+
+
 class ScrubSettings(BaseModel):
     """Re-reading stored bytes. Without schedules it runs only from the CLI."""
 
@@ -463,7 +488,13 @@ class WebhookEndpoint(BaseModel):
     secret: str | None = None  # the HMAC key (X-Cargohold-Signature-256: sha256=<hex of the body>)
     secret_env: str | None = None  # or the name of an environment variable holding it
     repositories: list[str] = ["**"]  # globs, as in retention and replication
-    actions: list[Literal["push", "tag", "delete", "untag", "pull"]] = ["push", "tag", "delete", "untag"]
+    actions: list[Literal["push", "tag", "delete", "untag", "pull", "quota.warning"]] = [
+        "push",
+        "tag",
+        "delete",
+        "untag",
+        "quota.warning",
+    ]
     media_types: list[str] = []  # manifests of these media types only (empty: all)
     format: Literal["cargohold", "cloudevents"] = "cargohold"
     headers: dict[str, str] = {}
@@ -527,6 +558,8 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     gc: GCSettings = GCSettings()
     retention: RetentionSettings = RetentionSettings()
+    immutable_tags: list[ImmutableTagRule] = []  # overridden by rules stored through the admin API
+    quotas: list[QuotaSettings] = []
     scrub: ScrubSettings = ScrubSettings()
     backup: BackupSettings = BackupSettings()
     admin: AdminSettings = AdminSettings()
@@ -535,6 +568,14 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings | None = None
     cache: CacheSettings | None = None  # pull-through caches of upstream registries
     auth: AuthSettings | None = None
+
+    @field_validator("quotas")
+    @classmethod
+    def _one_quota_per_namespace(cls, value: list[QuotaSettings]) -> list[QuotaSettings]:
+        globs = [quota.repositories for quota in value]
+        if len(set(globs)) != len(globs):
+            raise ValueError("each quota's repositories glob must be unique")
+        return value
 
     @field_validator("address")
     @classmethod

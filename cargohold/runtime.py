@@ -8,6 +8,8 @@ from collections.abc import Callable
 from cargohold.backends import Backend, FilesystemBackend
 from cargohold.config import Settings, load_settings
 from cargohold.engine import MetadataStore, Registry, RegistryLimits
+from cargohold.engine.immutability import ImmutableTagRule
+from cargohold.engine.quotas import Quota
 from cargohold.metrics import InstrumentedBackend, StoreCollector, exposition
 
 
@@ -58,7 +60,13 @@ def open_registry(settings: Settings) -> Registry:
         pull_through_prefixes=settings.cache.prefixes if settings.cache is not None else (),
     )
     return Registry(
-        MetadataStore(settings.metadata_path), InstrumentedBackend(open_backend(settings)), limits
+        MetadataStore(settings.metadata_path),
+        InstrumentedBackend(open_backend(settings)),
+        limits,
+        immutable_tags=[
+            ImmutableTagRule(tuple(rule.repositories), tuple(rule.tags)) for rule in settings.immutable_tags
+        ],
+        quotas=[Quota(q.repositories, int(q.bytes), q.warn_at) for q in settings.quotas],
     )
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cargohold.engine.metadata import MetadataStore
+from cargohold.engine.metadata import Conn, MetadataStore
 from cargohold.engine.metadata_auth import AuthQueries
 
 
@@ -43,7 +43,9 @@ class AuditLog:
         repository: str | None = None,
         detail: dict[str, Any] | None = None,
         at: float | None = None,
+        conn: Conn | None = None,
     ) -> None:
+        """``conn``: inside the caller's write transaction, to commit with the change it records."""
         self.queries.append_audit(
             at or time.time(),
             actor,
@@ -51,6 +53,7 @@ class AuditLog:
             action,
             repository,
             None if detail is None else json.dumps(detail, separators=(",", ":"), sort_keys=True),
+            conn,
         )
 
     def entries(self, *, since: float = 0.0, actor: str | None = None, limit: int = 1000) -> list[AuditEntry]:

@@ -86,6 +86,18 @@ class Denied(RegistryError):
     default_message = "requested access to the resource is denied"
 
 
+class TagImmutable(Denied):
+    """An immutable tag would move or go, or the manifest it names would go (403 DENIED)."""
+
+    default_message = "the tag is immutable"
+
+
+class QuotaExceeded(Denied):
+    """The push would take a namespace over its storage quota (403 DENIED)."""
+
+    default_message = "storage quota exceeded"
+
+
 class TooManyRequests(RegistryError):
     code = "TOOMANYREQUESTS"
     default_message = "too many requests"

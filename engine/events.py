@@ -12,6 +12,9 @@ Actions and what the other fields hold::
     delete  a manifest (and the tags on it) was deleted digest, media_type, artifact_type, subject
     untag   a tag was deleted (the manifest stays)      tag, digest (what it pointed to), media_type, ...
     pull    a manifest was fetched (sampled, off by default)   digest, tag (if pulled by tag), media_type
+    quota.warning   a push took a quota namespace past its warning mark (``engine.quotas``),
+            once per crossing     repository (the one pushed to), detail {quota, used_bytes,
+            limit_bytes, warn_bytes}
 
 A ``put_manifest`` of a new manifest with tags writes one ``push`` and then one ``tag``
 per tag that moved, in that order (ids grow with commit order). Re-putting the same
@@ -27,6 +30,7 @@ must be idempotent, and the event id is the idempotency key.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -41,7 +45,8 @@ TAG = "tag"
 DELETE = "delete"
 UNTAG = "untag"
 PULL = "pull"
-ACTIONS = (PUSH, TAG, DELETE, UNTAG, PULL)
+QUOTA_WARNING = "quota.warning"
+ACTIONS = (PUSH, TAG, DELETE, UNTAG, PULL, QUOTA_WARNING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +60,16 @@ class Event:
     media_type: str | None
     artifact_type: str | None
     subject: str | None
+    detail: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _event(row: EventRow) -> Event:
-    return Event(*(getattr(row, field.name) for field in fields(EventRow)))
+    values = {field.name: getattr(row, field.name) for field in fields(EventRow)}
+    values["detail"] = json.loads(row.detail) if row.detail else None
+    return Event(**values)
 
 
 class EventLog:
@@ -122,6 +130,11 @@ class EventLog:
             subject=facts.subject if facts else None,
         )
         self.queries.insert(conn, [event], now)
+
+    def record_quota_warning(self, conn: Conn, repository: str, detail: dict[str, Any], now: float) -> None:
+        """In the transaction of the push that crossed the mark (so it commits with it)."""
+        text = json.dumps(detail, separators=(",", ":"), sort_keys=True)
+        self.queries.insert(conn, [NewEvent(QUOTA_WARNING, repository, None, detail=text)], now)
 
     def record_pull(self, repository: str, digest: str, tag: str | None, media_type: str) -> None:
         """Sampled pull events (``pull_sample_rate``: 0 is off, 1 is every pull). A pull changes

@@ -15,6 +15,7 @@ engine keeps the invariants:
     Compare-and-delete, each in one write transaction: a manifest goes only if it gained
     no tag, no index lists it and the subject it followed is gone; a tag goes only while
     it still names the planned manifest. Otherwise nothing changes ("changed since plan").
+    Immutable tags hold here too, whatever a plan said ("immutable": a rule added since).
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cargohold.engine.maintenance import ReadOnlySwitch
-from cargohold.engine.metadata import MetadataStore
+from cargohold.engine.metadata import Conn, MetadataStore
 from cargohold.engine.metadata_jobs import JobQueries
 from cargohold.engine.metadata_retention import RetentionQueries
 
-Outcome = Literal["deleted", "changed since plan", "already gone"]
+if TYPE_CHECKING:  # immutability stores its rules with StoredPolicies: no import cycle at run time
+    from cargohold.engine.immutability import ImmutableTags
+
+Outcome = Literal["deleted", "changed since plan", "already gone", "immutable"]
 POLICIES_SETTING = "retention.policies"  # the admin_settings row of the stored policies
 
 
@@ -63,9 +67,12 @@ class RepositoryInventory:
 
 
 class Inventory:
-    def __init__(self, store: MetadataStore, read_only: ReadOnlySwitch) -> None:
+    def __init__(
+        self, store: MetadataStore, read_only: ReadOnlySwitch, immutable: ImmutableTags | None = None
+    ) -> None:
         self.store = store
         self.read_only = read_only  # read-only mode refuses these deletions like any other write
+        self.immutable = immutable
         self.queries = RetentionQueries(store)
 
     def repositories(self) -> list[str]:
@@ -144,6 +151,8 @@ class Inventory:
                 or (subject is not None and self.store.has_manifest(conn, repo_id, subject))
             ):
                 return "changed since plan"
+            if self._protected(conn, repo_id, repository, digest, by_digest=True):
+                return "immutable"
             self.store.delete_manifest(conn, repo_id, digest)
         return "deleted"
 
@@ -154,30 +163,41 @@ class Inventory:
             repo_id = self.store.repository_id(conn, repository)
             if repo_id is None:
                 return "already gone"
+            if self._protected(conn, repo_id, repository, tag, by_digest=False):
+                return "immutable"
             if self.queries.delete_tag_of(conn, repo_id, tag, digest):
                 return "deleted"
             return "changed since plan" if self.store.resolve_tag(conn, repository, tag) else "already gone"
 
+    def _protected(
+        self, conn: Conn, repo_id: int, repository: str, reference: str, *, by_digest: bool
+    ) -> bool:
+        return self.immutable is not None and bool(
+            self.immutable.protected_by(conn, repo_id, repository, reference, by_digest)
+        )
+
 
 class StoredPolicies:
-    """Retention policies set through the admin API, as the JSON text the admin sent
-    (validated by the caller; the engine does not interpret it). They override the
-    config file's until forgotten."""
+    """Policies set through the admin API (retention's; ``name`` picks another kind, such as
+    immutable tag rules), as the JSON text the admin sent (validated by the caller). They
+    override the config file's until forgotten."""
 
-    def __init__(self, store: MetadataStore) -> None:
+    def __init__(self, store: MetadataStore, name: str = POLICIES_SETTING) -> None:
         self.store = store
+        self.name = name
         self.queries = JobQueries(store)
 
-    def get(self) -> str | None:
-        return self.queries.admin_setting(self.store.read(), POLICIES_SETTING)
+    def get(self, conn: Conn | None = None) -> str | None:
+        """``conn``: read inside the caller's transaction (a check that must not race a change)."""
+        return self.queries.admin_setting(conn or self.store.read(), self.name)
 
     def put(self, document: str) -> None:
         with self.store.write() as conn:
-            self.queries.set_admin_setting(conn, POLICIES_SETTING, document)
+            self.queries.set_admin_setting(conn, self.name, document)
 
     def forget(self) -> bool:
         """Go back to the config file's policies; False if none were stored."""
         with self.store.write() as conn:
-            stored = self.queries.admin_setting(conn, POLICIES_SETTING) is not None
-            self.queries.set_admin_setting(conn, POLICIES_SETTING, None)
+            stored = self.queries.admin_setting(conn, self.name) is not None
+            self.queries.set_admin_setting(conn, self.name, None)
         return stored

@@ -21,6 +21,7 @@ from pathlib import Path
 import sqlite_utils
 
 from cargohold.engine.errors import StorageUnavailable
+from cargohold.engine.metadata_quotas import QuotaQueries
 from cargohold.engine.schema import migrate
 
 Conn = sqlite3.Connection
@@ -82,6 +83,8 @@ class MetadataStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        # Quota namespaces' usage follows every link and manifest row change (metadata_quotas).
+        self.quota_counts = QuotaQueries()
         self.schema_version = migrate(sqlite_utils.Database(self._conn()))
 
     # -- connections and transactions --------------------------------------------------
@@ -194,6 +197,7 @@ class MetadataStore:
         )
         if cur.rowcount:
             conn.execute("UPDATE blobs SET repo_links = repo_links + 1 WHERE digest = ?", (digest,))
+            self.quota_counts.linked(conn, repository_id, digest)
         conn.execute("UPDATE blobs SET touched_at = ? WHERE digest = ?", (now, digest))
 
     def unlink_blob(self, conn: Conn, repository_id: int, digest: str) -> bool:
@@ -202,6 +206,7 @@ class MetadataStore:
         )
         if cur.rowcount:
             conn.execute("UPDATE blobs SET repo_links = repo_links - 1 WHERE digest = ?", (digest,))
+            self.quota_counts.unlinked(conn, [(repository_id, digest)])
         return bool(cur.rowcount)
 
     def store_blob(
@@ -395,6 +400,7 @@ class MetadataStore:
                 now,
             ),
         )
+        self.quota_counts.linked(conn, repository_id, m.digest, len(m.data))
         blob_refs = list(dict.fromkeys(m.blob_refs))
         conn.executemany(
             "INSERT INTO manifest_references (repository_id, manifest_digest, target_digest, kind) "
@@ -435,6 +441,7 @@ class MetadataStore:
             "DELETE FROM tags WHERE repository_id = ? AND manifest_digest = ?", (repository_id, digest)
         )
         conn.execute("DELETE FROM manifests WHERE repository_id = ? AND digest = ?", (repository_id, digest))
+        self.quota_counts.unlinked(conn, [(repository_id, digest)])
         conn.execute("UPDATE manifest_content SET repo_count = repo_count - 1 WHERE digest = ?", (digest,))
         conn.execute("DELETE FROM manifest_content WHERE digest = ? AND repo_count <= 0", (digest,))
         return True
@@ -447,6 +454,18 @@ class MetadataStore:
             "WHERE tags.manifest_digest != excluded.manifest_digest",
             (repository_id, tag, digest, now, now),
         )
+
+    def tags_reaching(self, conn: Conn, repository_id: int, digest: str) -> list[str]:
+        """Tags of the repository naming the manifest, or an index that lists it (at any depth)."""
+        rows = conn.execute(
+            "WITH RECURSIVE up(digest) AS (SELECT ? UNION SELECT r.manifest_digest "
+            "FROM manifest_references r JOIN up ON r.target_digest = up.digest "
+            "WHERE r.repository_id = ? AND r.kind = 'manifest') "
+            "SELECT t.name FROM tags t JOIN up ON t.manifest_digest = up.digest "
+            "WHERE t.repository_id = ? ORDER BY t.name",
+            (digest, repository_id, repository_id),
+        )
+        return [row[0] for row in rows]
 
     def delete_tag(self, conn: Conn, repository_id: int, tag: str) -> bool:
         cur = conn.execute("DELETE FROM tags WHERE repository_id = ? AND name = ?", (repository_id, tag))

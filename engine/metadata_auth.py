@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cargohold.engine.metadata import MetadataStore
+from cargohold.engine.metadata import Conn, MetadataStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +98,19 @@ class AuthQueries:
         action: str,
         repository: str | None,
         detail: str | None,
+        conn: Conn | None = None,
     ) -> None:
-        with self.store.write() as conn:
+        """In its own transaction, or in the caller's ``conn`` (an entry that must commit, or
+        roll back, with the change it records)."""
+        if conn is not None:
             conn.execute(
                 "INSERT INTO audit_log (at, actor, address, action, repository, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (at, actor, address, action, repository, detail),
             )
+            return
+        with self.store.write() as own:
+            self.append_audit(at, actor, address, action, repository, detail, own)
 
     def audit_rows(self, since: float, actor: str | None, limit: int) -> list[AuditRow]:
         sql = "SELECT id, at, actor, address, action, repository, detail FROM audit_log WHERE at >= ?"

@@ -15,7 +15,7 @@ from typing import Any
 
 from cargohold.engine.metadata import Conn
 
-EVENT_COLUMNS = "id, created_at, action, repository, digest, tag, media_type, artifact_type, subject"
+EVENT_COLUMNS = "id, created_at, action, repository, digest, tag, media_type, artifact_type, subject, detail"
 JOB_COLUMNS = (
     "id, rule, repository, kind, name, digest, event_id, created_at, state, attempts, next_attempt_at, "
     "owner, progress, last_error, bytes_sent, bytes_skipped"
@@ -42,6 +42,7 @@ class EventRow:
     media_type: str | None
     artifact_type: str | None
     subject: str | None
+    detail: str | None  # JSON, for actions whose facts fit no column (quota.warning)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,7 @@ class NewEvent:
     media_type: str | None = None
     artifact_type: str | None = None
     subject: str | None = None
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +108,19 @@ class EventQueries:
     def insert(self, conn: Conn, events: Iterable[NewEvent], now: float) -> None:
         conn.executemany(
             "INSERT INTO events (created_at, action, repository, digest, tag, media_type, artifact_type, "
-            "subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "subject, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                (now, e.action, e.repository, e.digest, e.tag, e.media_type, e.artifact_type, e.subject)
+                (
+                    now,
+                    e.action,
+                    e.repository,
+                    e.digest,
+                    e.tag,
+                    e.media_type,
+                    e.artifact_type,
+                    e.subject,
+                    e.detail,
+                )
                 for e in events
             ),
         )

@@ -69,7 +69,9 @@ class JobQueries:
         doomed = [CollectibleBlob(*row) for row in rows]
         if doomed:
             gone = [blob.digest for blob in doomed]
+            links = self.store.quota_counts.repository_links(conn, gone)
             conn.execute(f"DELETE FROM repository_blobs WHERE digest IN ({_marks(gone)})", gone)
+            self.store.quota_counts.unlinked(conn, links)
             conn.executemany(
                 "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, queued_at) VALUES (?, ?, ?)",
                 ((blob.storage_key, blob.digest, now) for blob in doomed),

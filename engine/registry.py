@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +45,14 @@ from cargohold.engine.errors import (
 )
 from cargohold.engine.events import EventLog
 from cargohold.engine.fsck import FsckReport, fsck
+from cargohold.engine.immutability import ImmutableTagRule, ImmutableTags, Override
 from cargohold.engine.jobs import JobLedger
 from cargohold.engine.maintenance import ReadOnlySwitch
 from cargohold.engine.manifests import parse_manifest
 from cargohold.engine.metadata import Conn, MetadataStore, NewManifest, ReferrerRow
 from cargohold.engine.names import check_name, check_tag
 from cargohold.engine.pullthrough import namespace_of
+from cargohold.engine.quotas import Quota, Quotas
 from cargohold.engine.scrub import ScrubReport, scrub
 from cargohold.engine.uploads import UploadSessions, UploadState, backend_call
 from cargohold.engine.usage import Usage, measure
@@ -120,16 +122,27 @@ class Page:
 
 
 class Registry:
-    def __init__(self, store: MetadataStore, backend: Backend, limits: RegistryLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: MetadataStore,
+        backend: Backend,
+        limits: RegistryLimits | None = None,
+        *,
+        immutable_tags: Sequence[ImmutableTagRule] = (),
+        quotas: Sequence[Quota] = (),
+    ) -> None:
         self.store = store
         self.backend = backend
         self.limits = limits or RegistryLimits()
         self.activity = ActivityRecorder(store)
-        self.uploads = UploadSessions(store, backend, self.limits.upload_expiry_seconds)
+        self.events = EventLog(store, self.limits.pull_event_sample_rate)
+        self.immutable_tags = ImmutableTags(store, immutable_tags)
+        self.quotas = Quotas(store, quotas, self.events)
+        self.quotas.sync()
+        self.uploads = UploadSessions(store, backend, self.limits.upload_expiry_seconds, self.quotas)
         self.collection = Collection(store, backend)
         self.jobs = JobLedger(store)
         self.read_only = ReadOnlySwitch(store, self.limits.read_only)
-        self.events = EventLog(store, self.limits.pull_event_sample_rate)
         self._local_paths = backend if isinstance(backend, LocalPaths) else None
         self._presigner = (
             backend if isinstance(backend, PresignedURLs) and self.limits.redirect_pulls else None
@@ -196,7 +209,9 @@ class Registry:
             elif not any(may_read(name) for name in self.store.repositories_linking(conn, digest)):
                 return None
             repo_id = self.store.ensure_repository(conn, repository)
-            self.store.link_blob(conn, repo_id, digest, time.time())
+            now = time.time()
+            with self.quotas.guard(conn, repository, now):  # a blob new to the namespace counts
+                self.store.link_blob(conn, repo_id, digest, now)
         return BlobInfo(digest, blob.size)
 
     # ========================================================================= blobs
@@ -312,9 +327,11 @@ class Registry:
                 raise ManifestBlobUnknown(
                     "index references an unknown manifest", detail={"digest": missing[0]}
                 )
+            self.immutable_tags.check_tags(conn, repo_id, repository, unique_tags, digest)
             # The outbox row commits (or rolls back) with the change it describes.
             self.events.record_push(conn, repo_id, repository, new, unique_tags, now)
-            self.store.insert_manifest(conn, repo_id, new, now)
+            with self.quotas.guard(conn, repository, now):
+                self.store.insert_manifest(conn, repo_id, new, now)
             for tag in unique_tags:
                 self.store.set_tag(conn, repo_id, tag, digest, now)
         return PutManifestResult(digest, parsed.subject, unique_tags)
@@ -348,14 +365,17 @@ class Registry:
             self.events.record_pull(repository, row.digest, tag, row.media_type)
         return Manifest(row.digest, row.media_type, row.size, row.data)
 
-    def delete_manifest(self, repository: str, reference: str, *, force: bool = False) -> None:
+    def delete_manifest(
+        self, repository: str, reference: str, *, force: bool = False, override: Override | None = None
+    ) -> None:
         """By digest: the manifest and its tags go. By tag: only the tag goes.
 
         ``force`` is for the registry's own jobs (GC, retention): they delete even where
-        clients may not.
+        clients may not; immutable tags still hold (``engine.immutability``). ``override`` is
+        an admin's explicit override of those too, audit-logged in the same transaction.
         """
         self.read_only.check()
-        if not force:
+        if not force and override is None:
             self._check_deletes()
         check_name(repository)
         by_digest = is_digest(reference)
@@ -367,6 +387,10 @@ class Registry:
             repo_id = self.store.repository_id(conn, repository)
             if repo_id is None:
                 raise NameUnknown(detail={"name": repository})
+            if override is None:
+                self.immutable_tags.check_delete(conn, repo_id, repository, reference, by_digest)
+            else:
+                self.immutable_tags.record_override(conn, repo_id, repository, reference, by_digest, override)
             self.events.record_delete(conn, repo_id, repository, reference, by_digest, time.time())
             if by_digest:
                 deleted = self.store.delete_manifest(conn, repo_id, reference)
@@ -465,8 +489,8 @@ class Registry:
         return self.collection.queries.open_uploads(self.store.read())
 
     def usage(self) -> Usage:
-        """Bytes per repository (referenced, unique, shared) and the store's dedup savings."""
-        return measure(self.store)
+        """Bytes per repository (referenced, unique, shared), the store's dedup savings, quotas."""
+        return measure(self.store, self.quotas.usage())
 
     def check(self) -> None:
         """Raise if the metadata store or the backend cannot be reached."""

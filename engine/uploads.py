@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from cargohold.engine.digests import check_algorithm, parse_digest
 from cargohold.engine.errors import (
     BlobUploadUnknown,
     DigestInvalid,
+    QuotaExceeded,
     RangeInvalid,
     SizeInvalid,
     StorageUnavailable,
@@ -33,6 +35,7 @@ from cargohold.engine.errors import (
 from cargohold.engine.hashing import ContentHasher, HashStates, hash_stream
 from cargohold.engine.metadata import MetadataStore, UploadRow
 from cargohold.engine.names import check_name
+from cargohold.engine.quotas import Quotas
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,13 @@ def backend_call(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 class UploadSessions:
-    def __init__(self, store: MetadataStore, backend: Backend, expiry_seconds: float) -> None:
+    def __init__(
+        self, store: MetadataStore, backend: Backend, expiry_seconds: float, quotas: Quotas | None = None
+    ) -> None:
         self.store = store
         self.backend = backend
         self.expiry_seconds = expiry_seconds
+        self.quotas = quotas
         self._hashes = HashStates()
 
     def start(self, repository: str, algorithm: str = "sha256") -> UploadState:
@@ -146,15 +152,22 @@ class UploadSessions:
     def _make_visible(self, row: UploadRow, blob: StoredBlob, checksum: str | None, writer: Any) -> None:
         """Link the verified blob to the repository, storing our copy only if it is needed."""
         now = time.time()
-        with self.store.write() as conn:
-            existing = self.store.blob(conn, blob.digest)
-            if existing is not None and existing.state == "live":
-                # Global dedup: the digest is stored already; link it and drop our bytes.
-                self.store.link_blob(conn, row.repository_id, blob.digest, now)
-                self.store.delete_upload(conn, row.id)
-                duplicate = True
-            else:
-                duplicate = False
+        try:
+            with self.store.write() as conn:
+                existing = self.store.blob(conn, blob.digest)
+                if existing is not None and existing.state == "live":
+                    # Global dedup: the digest is stored already; link it and drop our bytes.
+                    with self._quota_guard(conn, row.repository, now):
+                        self.store.link_blob(conn, row.repository_id, blob.digest, now)
+                    self.store.delete_upload(conn, row.id)
+                    duplicate = True
+                else:
+                    if self.quotas is not None:  # refused before the bytes are committed
+                        self.quotas.check_blob(conn, row.repository, blob.digest, blob.size)
+                    duplicate = False
+        except QuotaExceeded:
+            self.discard(row)
+            raise
         if duplicate:
             if writer is None:
                 backend_call(self.backend.delete, row.storage_key)
@@ -163,15 +176,28 @@ class UploadSessions:
             return
         if writer is not None:
             staged_call(writer.commit, {"digest": blob.digest})
-        with self.store.write() as conn:
-            # Someone may have stored the digest meanwhile: then our copy is the redundant one.
-            redundant = self.store.store_blob(conn, blob.digest, row.storage_key, blob.size, checksum, now)
-            self.store.link_blob(conn, row.repository_id, blob.digest, now)
-            self.store.delete_upload(conn, row.id)
-            if redundant is not None:
-                self.store.queue_object_deletion(conn, redundant, blob.digest, now)
+        try:
+            with self.store.write() as conn:
+                # Someone may have stored the digest meanwhile: then our copy is the redundant one.
+                redundant = self.store.store_blob(
+                    conn, blob.digest, row.storage_key, blob.size, checksum, now
+                )
+                with self._quota_guard(conn, row.repository, now):
+                    self.store.link_blob(conn, row.repository_id, blob.digest, now)
+                self.store.delete_upload(conn, row.id)
+                if redundant is not None:
+                    self.store.queue_object_deletion(conn, redundant, blob.digest, now)
+        except QuotaExceeded:
+            # A concurrent push took the room first: our committed copy is named by no row.
+            with self.store.write() as conn:
+                self.store.delete_upload(conn, row.id)
+            backend_call(self.backend.delete, row.storage_key)
+            raise
         if redundant is not None:
             self.delete_doomed([redundant])
+
+    def _quota_guard(self, conn: Any, repository: str, now: float) -> AbstractContextManager[None]:
+        return self.quotas.guard(conn, repository, now) if self.quotas is not None else nullcontext()
 
     def delete_doomed(self, keys: list[str]) -> None:
         """Delete physical copies queued for deletion, and forget the ones that went."""
@@ -229,12 +255,18 @@ class UploadSessions:
             )
         hasher = self._hashes.resume(row.id, row.algorithm, row.size, row.hash_state)
         received = 0
-        for chunk in chunks:
-            if length is not None and received + len(chunk) > length:
-                raise SizeInvalid("request body is longer than its declared length")
-            hasher.update(chunk)
-            staged_call(writer.write, chunk)
-            received += len(chunk)
+        try:
+            if self.quotas is not None:  # refused before the bytes are stored, where the length says so
+                chunks = self.quotas.admit(row.repository, chunks, row.size, length)
+            for chunk in chunks:
+                if length is not None and received + len(chunk) > length:
+                    raise SizeInvalid("request body is longer than its declared length")
+                hasher.update(chunk)
+                staged_call(writer.write, chunk)
+                received += len(chunk)
+        except QuotaExceeded:
+            self.discard(row)  # the blob cannot fit: nothing of it stays
+            raise
         if length is not None and received != length:
             raise SizeInvalid(f"expected {length} bytes, received {received}")
         return hasher

@@ -29,6 +29,8 @@ Rules (each key of ``keep`` and ``delete`` is one rule; any one that matches is 
     ``keep.pulled_within``. An image's push time is the later of its manifest's arrival
     and the last move of one of its tags to it; its pull time the last pull of it or of
     one of its tags (recorded in batches by ``engine.activity``).
+    Immutable tags (``engine.immutability``) come first of all: a manifest carrying one is
+    kept, whole, with the rule "immutable tag <tag>", whatever any policy says.
 
 Dependents
     A dependent goes when everything it follows goes: its subject, and every index of
@@ -123,6 +125,7 @@ class RetentionReport:
             "reclaimable_bytes": sum(d.freed_bytes for d in done),
             "kept": len(self.plan.kept),
             "changed_since_plan": self.outcomes.count("changed since plan"),
+            "immutable": self.outcomes.count("immutable"),
             "already_gone": self.outcomes.count("already gone"),
             "decisions_count": len(decisions),
             "decisions": decisions[:limit],
@@ -145,13 +148,14 @@ def plan_retention(
     now = time.time() if now is None else now
     compiled = [CompiledPolicy(policy) for policy in policies]
     inventory = Inventory(registry.store, registry.read_only)
+    immutable = registry.immutable_tags.matcher()
     plan = RetentionPlan(now, [policy.name for policy in policies])
     for name in inventory.repositories():
         applicable = [policy for policy in compiled if policy.applies_to(name)]
         if not applicable:
             continue
         plan.repositories += 1
-        for decision in judge(inventory.repository(name), applicable, now):
+        for decision in judge(inventory.repository(name), applicable, now, immutable):
             (plan.kept if decision.action == "keep" else plan.decisions).append(decision)
         progress("plan", 1)
     doomed = [(d.repository, d.digest) for d in plan.decisions if d.action == "delete manifest"]
@@ -170,7 +174,7 @@ def apply_plan(
 ) -> list[Outcome]:
     """Carry out the plan's decisions in order; one outcome per decision, appended to
     ``outcomes`` as each is done (so a run that stops midway still reports what it did)."""
-    inventory = Inventory(registry.store, registry.read_only)
+    inventory = Inventory(registry.store, registry.read_only, registry.immutable_tags)
     outcomes = [] if outcomes is None else outcomes
     for decision in plan.decisions:
         outcomes.append(_apply(inventory, decision))
@@ -183,8 +187,9 @@ def _apply(inventory: Inventory, decision: Decision) -> Outcome:
         subject = decision.follows if decision.role == "referrer" else None
         return inventory.delete_manifest(decision.repository, decision.digest, decision.tags, subject)
     results = [inventory.delete_tag(decision.repository, tag, decision.digest) for tag in decision.tags]
-    if "changed since plan" in results:
-        return "changed since plan"
+    for reason in ("immutable", "changed since plan"):
+        if reason in results:
+            return reason
     return "deleted" if "deleted" in results else "already gone"
 
 

@@ -17,6 +17,7 @@ from cargohold.engine.inventory import ManifestInfo, RepositoryInventory
 from cargohold.engine.names import repository_glob, tag_matcher
 
 Action = Literal["delete manifest", "delete tags", "keep"]
+Immutable = Callable[[str, str], bool]  # (repository, tag) -> the tag is immutable
 Role = Literal["image", "referrer", "child"]
 # Cosign's tag scheme (``sha256-<hex>.sig``) and the OCI referrers tag fallback (``sha256-<hex>``).
 REFERRER_TAG = re.compile(r"(sha256-[0-9a-f]{64}|sha512-[0-9a-f]{128})(\.[A-Za-z0-9_-]+)?")
@@ -122,10 +123,13 @@ def _own_tags(manifest: ManifestInfo) -> list[str]:
 
 
 class _Judge:
-    def __init__(self, repo: RepositoryInventory, policies: Sequence[CompiledPolicy], now: float) -> None:
+    def __init__(
+        self, repo: RepositoryInventory, policies: Sequence[CompiledPolicy], now: float, immutable: Immutable
+    ) -> None:
         self.repo = repo
         self.policies = policies
         self.now = now
+        self.immutable = immutable
         self.graph = _Graph(repo)
         self.images = [m for d, m in repo.manifests.items() if self.graph.roles[d] == "image"]
         # Rank 0 is the most recent; images never pulled have no pull rank.
@@ -137,6 +141,9 @@ class _Judge:
 
     def keep_rule(self, manifest: ManifestInfo) -> str | None:
         """The first keep rule that matches: by tag for any manifest, the others for images only."""
+        for tag in manifest.tag_names:
+            if self.immutable(self.repo.name, tag):
+                return f"immutable tag {tag}"
         for policy in self.policies:
             for pattern, matches in policy.keep_tags:
                 if any(matches(tag) for tag in manifest.tag_names):
@@ -219,11 +226,17 @@ class _Judge:
         return Decision(self.repo.name, manifest.digest, action, rule, role, tags, follows, overrides)
 
 
-def judge(repo: RepositoryInventory, policies: Sequence[CompiledPolicy], now: float) -> list[Decision]:
+def judge(
+    repo: RepositoryInventory,
+    policies: Sequence[CompiledPolicy],
+    now: float,
+    immutable: Immutable = lambda _repository, _tag: False,
+) -> list[Decision]:
     """Every decision for the repository: deletions first, each deleted manifest followed by
     the dependents that go with it (a safe order: an index before its children, a subject
-    before its referrers), then the candidates a keep rule saved."""
-    court = _Judge(repo, policies, now)
+    before its referrers), then the candidates a keep rule saved. ``immutable`` says which
+    tags are immutable: their manifests are kept."""
+    court = _Judge(repo, policies, now, immutable)
     images = sorted(court.images, key=lambda m: (pushed_at(m), m.digest))
     verdicts = [d for d in map(court.image, images) if d is not None]
     deletions: list[Decision] = []

@@ -16,6 +16,10 @@ Payload, ``format: cargohold`` (``Content-Type: application/json``)::
      "registry": "<webhooks.source>", "repository": "team/app", "digest": "sha256:...", "tag": "v1" | null,
      "mediaType": "...", "artifactType": "..." | null, "subject": "sha256:..." | null}
 
+``quota.warning`` (a push took a quota namespace past its warning mark; digest, tag and
+media type are null) adds ``"detail": {"quota": "team/**", "used_bytes", "limit_bytes",
+"warn_bytes"}``; its CloudEvents ``subject`` is the repository pushed to.
+
 ``format: cloudevents``: a CloudEvents 1.0 structured event (``application/cloudevents+json``)
 with ``type`` ``io.cargohold.<action>``, ``source`` ``<webhooks.source>``, ``subject``
 ``<repository>:<tag>`` or ``<repository>@<digest>``, and the payload above as ``data``.
@@ -72,11 +76,14 @@ def payload(event: Event, registry_name: str) -> dict[str, Any]:
         "mediaType": event.media_type,
         "artifactType": event.artifact_type,
         "subject": event.subject,
+        **({"detail": event.detail} if event.detail is not None else {}),
     }
 
 
 def cloud_event(event: Event, source: str) -> dict[str, Any]:
     where = f"{event.repository}:{event.tag}" if event.tag else f"{event.repository}@{event.digest}"
+    if event.digest is None and event.tag is None:  # quota.warning: about the repository
+        where = event.repository
     return {
         "specversion": "1.0",
         "id": str(event.id),
