@@ -19,6 +19,8 @@ import httpx
 import pytest
 import yaml
 
+from cargohold.engine import MetadataStore
+from cargohold.engine.identities import Identities
 from tests.api.oci import OCI_MANIFEST, push_blob, sha256
 from tests.replication.gate import AuthGate
 from tests.replication.support import ACCEPT, Image, push_image, push_index
@@ -322,6 +324,8 @@ def test_concurrent_first_pulls_of_a_blob_fetch_it_once(setup: Setup) -> None:
 def test_retention_and_gc_treat_cached_content_like_any_other(setup: Setup) -> None:
     image = upstream_image(setup, "library/old", "v1", os.urandom(100_000))
     pull_image(setup.pull, "dockerhub/library/old", "v1")
+    upstream_image(setup, "library/half", "v1")  # its blobs are never asked for
+    assert setup.pull.get("/v2/dockerhub/library/half/manifests/v1", headers=ACCEPT).status_code == 200
     fsck = subprocess.run(
         [*cargohold_command(), "fsck", "--json"],
         env={
@@ -333,7 +337,8 @@ def test_retention_and_gc_treat_cached_content_like_any_other(setup: Setup) -> N
         text=True,
         timeout=120,
     )
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr  # lazily fetched blobs are not damage
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr  # blobs still to fetch are not damage
+    assert json.loads(fsck.stdout)["findings"] == []
 
     admin = {"Authorization": f"Bearer {ADMIN}"}
     applied = setup.pull.post("/admin/retention/apply", headers=admin)
@@ -347,3 +352,43 @@ def test_retention_and_gc_treat_cached_content_like_any_other(setup: Setup) -> N
     again = setup.proxy.take()
     assert manifest_gets(again) == ["/v2/library/old/manifests/v1"]
     assert sorted(blob_gets(again)) == sorted(image.blobs)
+
+
+def test_access_control_applies_to_cache_namespaces(setup: Setup, tmp_path: Path) -> None:
+    """With ``auth:`` on (and two worker processes): a pull needs pull permission before
+    anything is fetched, and a push is refused even for someone who may push there."""
+    proxy = RecordingProxy(setup.upstream.url)
+    config = tmp_path / "auth.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {
+                    "policies": [{"repositories": "hub/**", "pull": ["reader"], "push": ["reader"]}],
+                    "default": {"pull": [], "push": []},
+                },
+                "cache": {"upstreams": [{"prefix": "hub", "url": proxy.url}]},
+            }
+        )
+    )
+    store = MetadataStore(tmp_path / "data" / "metadata.db")
+    Identities(store).add_user("reader", "reader-password")
+    store.close()
+    image = upstream_image(setup, "library/guarded", "v1", os.urandom(4 * MiB))
+    env = {"CARGOHOLD_WORKERS": "2", "CARGOHOLD_CONFIG": str(config)}
+    try:
+        with RegistryProcess(data_dir=tmp_path / "data", env=env) as cache:
+            anonymous = httpx.get(f"{cache.url}/v2/hub/library/guarded/manifests/v1", headers=ACCEPT)
+            assert anonymous.status_code == 401
+            assert proxy.take() == []  # refused before the upstream was asked
+
+            with httpx.Client(base_url=cache.url, auth=("reader", "reader-password"), timeout=60) as reader:
+                with ThreadPoolExecutor(4) as pool:  # first pulls racing in two processes
+                    pulls = list(
+                        pool.map(lambda _: pull_image(reader, "hub/library/guarded", "v1"), range(4))
+                    )
+                assert {digest for digest, _ in pulls} == {image.digest}
+                assert reader.get("/v2/_catalog").json()["repositories"] == ["hub/library/guarded"]
+                assert_oci_error(reader.post("/v2/hub/library/guarded/blobs/uploads/"), 405, "UNSUPPORTED")
+            assert blob_gets(proxy.take())  # the bytes came from the upstream
+    finally:
+        proxy.close()
