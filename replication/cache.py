@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -45,6 +46,8 @@ from cargohold.engine.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    ReadOnly,
+    StorageUnavailable,
     UpstreamUnavailable,
 )
 from cargohold.engine.manifests import parse_manifest
@@ -144,7 +147,7 @@ class PullThroughCache:
                 return  # another request asked the upstream while this one waited
             try:
                 self._ask_upstream(route, repository, tag, local)
-            except (UpstreamUnavailable, ManifestUnknown, Denied):  # Denied: an immutable tag here
+            except (StorageUnavailable, ManifestUnknown, Denied):  # Denied: an immutable tag here
                 if local is None:
                     raise
                 log.warning("cannot revalidate %s:%s; serving the cached %s", repository, tag, local)
@@ -195,9 +198,10 @@ class PullThroughCache:
                     raise route.unavailable(ValueError(f"its index lists {child.digest}, which it lacks"))
                 self._store(route, repository, fetched, None, depth - 1)
         try:
-            self.registry.put_manifest(
-                repository, tag or remote.digest, remote.data, remote.media_type, lazy_blobs=True
-            )
+            with _storing():
+                self.registry.put_manifest(
+                    repository, tag or remote.digest, remote.data, remote.media_type, lazy_blobs=True
+                )
         except (ManifestInvalid, ManifestBlobUnknown, DigestInvalid) as exc:  # the upstream's fault
             raise route.unavailable(exc) from exc
         log.info(
@@ -218,8 +222,10 @@ class PullThroughCache:
         size = route.call(route.client.blob_size, route.repository, digest)
         if size is None:
             raise BlobUnknown(detail={"digest": digest})
-        # The upstream has it in this repository: a copy stored here may be linked.
-        return self.registry.mount_blob(repository, digest, None) or BlobInfo(digest, size)
+        try:  # the upstream has it in this repository: a copy stored here may be linked
+            return self.registry.mount_blob(repository, digest, None) or BlobInfo(digest, size)
+        except (ReadOnly, Denied):  # no write now (maintenance, a full quota): the upstream's answer
+            return BlobInfo(digest, size)
 
     def open_blob(self, repository: str, digest: str) -> BlobReader:
         try:
@@ -227,6 +233,17 @@ class PullThroughCache:
         except BlobUnknown:
             pass
         route = self.route(repository)
-        return self.blobs.open(
-            repository, digest, lambda: route.call(route.client.open_blob, route.repository, digest)
-        )
+        with _storing():
+            return self.blobs.open(
+                repository, digest, lambda: route.call(route.client.open_blob, route.repository, digest)
+            )
+
+
+@contextmanager
+def _storing() -> Iterator[None]:
+    """The cache's writes: in read-only mode nothing new can be cached, which a puller should
+    hear as "try again later" (503), not as a refused push (405)."""
+    try:
+        yield
+    except ReadOnly as exc:
+        raise StorageUnavailable("the registry is in read-only mode: nothing new can be cached now") from exc

@@ -392,3 +392,22 @@ def test_access_control_applies_to_cache_namespaces(setup: Setup, tmp_path: Path
             assert blob_gets(proxy.take())  # the bytes came from the upstream
     finally:
         proxy.close()
+
+
+def test_in_read_only_mode_cached_content_is_served_and_nothing_new_is_stored(setup: Setup) -> None:
+    image = upstream_image(setup, "library/frozen", "v1", os.urandom(3000))
+    digest, blobs = pull_image(setup.pull, "dockerhub/library/frozen", "v1")
+    later = upstream_image(setup, "library/frozen", "v2", os.urandom(3000))
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    assert setup.pull.put("/admin/read-only", json={"enabled": True}, headers=admin).status_code == 200
+    try:
+        assert pull_image(setup.pull, "dockerhub/library/frozen", "v1") == (image.digest, blobs)
+        uncached = setup.pull.get("/v2/dockerhub/library/frozen/manifests/v2", headers=ACCEPT)
+        assert_oci_error(uncached, 503, "UNAVAILABLE")
+        layer = next(blob for blob in later.blobs if blob not in image.blobs)
+        assert_oci_error(setup.pull.get(f"/v2/dockerhub/library/frozen/blobs/{layer}"), 503, "UNAVAILABLE")
+        assert setup.pull.head(f"/v2/dockerhub/library/frozen/blobs/{layer}").status_code == 200
+    finally:
+        setup.pull.put("/admin/read-only", json={"enabled": None}, headers=admin)
+    assert pull_image(setup.pull, "dockerhub/library/frozen", "v2")[0] == later.digest
+    assert digest == image.digest
