@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from cargohold.api.accesslog import AccessLineBuffer, AccessLog
 from cargohold.api.admin import AdminAPI, GCDefaults
@@ -29,6 +30,8 @@ from cargohold.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from cargohold.api.auth import AccessControl
+    from cargohold.config import RateLimitSettings
+    from cargohold.tokenbuckets import TokenBucketTable
 
 log = logging.getLogger("cargohold.api")
 
@@ -64,7 +67,10 @@ def create_app(
     metrics: Callable[[], bytes] | None = None,
     access: AccessControl | None = None,
     cache: PullThrough | None = None,
-) -> AccessLog:
+    rate_limits: RateLimitSettings | None = None,
+    rate_table: TokenBucketTable | None = None,
+    trusted_proxies: Sequence[str] = (),
+) -> ASGIApp:
     api = DistributionAPI(
         registry,
         catalog_max_n=catalog_max_n,
@@ -129,9 +135,21 @@ def create_app(
         from cargohold.api.auth_admin import IdentityAdminAPI
 
         routes.extend(IdentityAdminAPI(access, admin_token).routes())
-    app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
-    if access is None:  # an open registry: nothing in front of the routes at all
-        return AccessLog(app, log_format, access_lines)
-    from cargohold.api.auth import AuthGate
+    app: ASGIApp = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
+    # Each section adds its wrapper only when configured: an open registry without rate
+    # limits has nothing in front of the routes but the access log.
+    if rate_limits is not None:
+        from cargohold.api.ratelimit import RateLimiter
 
-    return AccessLog(AuthGate(app, access), log_format, access_lines)
+        assert rate_table is not None
+        app = RateLimiter(app, rate_limits, rate_table)
+    if access is not None:
+        from cargohold.api.auth import AuthGate
+
+        app = AuthGate(app, access)
+    app = AccessLog(app, log_format, access_lines)
+    if trusted_proxies:  # the client named by a trusted proxy, for the access log, audit and limits
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        app = ProxyHeadersMiddleware(app, list(trusted_proxies))  # type: ignore[arg-type]
+    return app

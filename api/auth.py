@@ -305,6 +305,8 @@ class AuthGate:
         except Unauthenticated as exc:
             await self.challenge(scope, headers, target, exc.error)(scope, receive, send)
             return
+        if caller.identity is not None:
+            scope["cargohold.identity"] = caller.identity.name  # rate limits per identity
         if target.kind in ("base", "catalog", "unknown"):
             if caller.via == "none":
                 await self.challenge(scope, headers, target, None)(scope, receive, send)

@@ -107,6 +107,9 @@ def _serve_uvicorn(settings) -> None:  # type: ignore[no-untyped-def]
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
         access_log=False,
         log_level=settings.log_level,
+        # X-Forwarded-For is believed only from trusted_proxies (see create_app), not from
+        # uvicorn's default of 127.0.0.1.
+        proxy_headers=False,
     )
 
 

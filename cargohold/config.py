@@ -8,6 +8,7 @@ filesystem storage and SQLite metadata under ``./cargohold-data``, listening on
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -527,6 +528,54 @@ class WebhookSettings(BaseModel):
         return value
 
 
+_RATE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*([0-9]*(?:\.[0-9]+)?\s*[smhd])\s*")
+
+
+def parse_rate(value: object) -> tuple[float, float]:
+    """(requests, seconds) from ``"100/s"``, ``"6000/m"``, ``"20/10s"``, ``"1000/h"``."""
+    match = _RATE.fullmatch(str(value))
+    if match is None:
+        raise ValueError(f"not a request rate: {value!r} (use e.g. 100/s, 6000/m, 20/10s)")
+    period = match.group(2).strip()
+    seconds = parse_duration(period if period[0].isdigit() else "1" + period)
+    requests = float(match.group(1))
+    if requests <= 0 or seconds <= 0:
+        raise ValueError(f"a request rate must be positive: {value!r}")
+    return requests, seconds
+
+
+def _check_rate(value: str) -> str:
+    parse_rate(value)
+    return value
+
+
+RequestRate = Annotated[str, AfterValidator(_check_rate)]
+
+
+class RateLimit(BaseModel):
+    """Token buckets for one class of requests (pulls or pushes); a rate left out is no limit.
+    ``burst``: how many requests may come at once after a quiet spell (default: the rate's count)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_identity: RequestRate | None = None  # per user or robot (anonymous callers: per address only)
+    per_address: RequestRate | None = None  # per client address (IPv6: per /64)
+    burst: int | None = Field(None, ge=1)
+
+
+class RateLimitSettings(BaseModel):
+    """Per identity and per address; absent: no limits and no cost. Pulls are manifest, blob,
+    tag list, referrers and catalog reads; pushes are uploads, manifest PUTs and deletes.
+    The buckets live in one table shared by all workers (``<data_dir>/ratelimit.buckets``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pull: RateLimit = RateLimit()
+    push: RateLimit = RateLimit()
+    # Buckets remembered at once (16 bytes each); a full table forgets the idlest bucket.
+    table_slots: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
+
+
 class AdminSettings(BaseModel):
     """The admin API under /admin/; off unless a bearer token is set."""
 
@@ -568,6 +617,10 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings | None = None
     cache: CacheSettings | None = None  # pull-through caches of upstream registries
     auth: AuthSettings | None = None
+    rate_limits: RateLimitSettings | None = None
+    # Proxies (addresses or CIDR networks) whose X-Forwarded-For / X-Forwarded-Proto are
+    # believed; from anyone else these headers are ignored.
+    trusted_proxies: list[str] = []
 
     @field_validator("quotas")
     @classmethod
@@ -583,6 +636,16 @@ class Settings(BaseSettings):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("address must be HOST:PORT")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an address or a network") from None
         return value
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ Metric names:
   cargohold_http_received_bytes_total{route} / _sent_bytes_total{route}
   cargohold_backend_operation_duration_seconds{operation}        histogram
   cargohold_backend_errors_total{operation}
+  cargohold_rate_limited_requests_total{kind,by}                 kind: pull|push, by: identity|address
   cargohold_blobs_stored, cargohold_stored_bytes, cargohold_logical_bytes,
   cargohold_dedup_savings_bytes, cargohold_upload_sessions_open,
   cargohold_job_runs_total{kind,status}, cargohold_blobs_quarantined,
@@ -49,6 +50,9 @@ BACKEND_LATENCY = Histogram(
     "cargohold_backend_operation_duration_seconds", "Backend call duration", ["operation"]
 )
 BACKEND_ERRORS = Counter("cargohold_backend_errors", "Backend calls that failed", ["operation"])
+RATE_LIMITED = Counter(
+    "cargohold_rate_limited_requests", "Requests refused with 429 by a rate limit", ["kind", "by"]
+)
 
 _ROUTES = [
     (re.compile(r"^/v2/?$"), "base"),

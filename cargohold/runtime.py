@@ -95,6 +95,23 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
         metrics=functools.partial(exposition, StoreCollector(registry)) if settings.metrics else None,
         access=open_access_control(settings, registry),
         cache=cache,
+        rate_limits=settings.rate_limits,
+        rate_table=open_rate_table(settings),
+        trusted_proxies=settings.trusted_proxies,
+    )
+
+
+def open_rate_table(settings: Settings):  # type: ignore[no-untyped-def]
+    """The token buckets every worker shares, or None without a ``rate_limits:`` section."""
+    if settings.rate_limits is None:
+        return None
+    from cargohold.api.ratelimit import RateLimiter
+    from cargohold.tokenbuckets import TokenBucketTable
+
+    return TokenBucketTable(
+        settings.data_dir.absolute() / "ratelimit.buckets",
+        settings.rate_limits.table_slots,
+        horizon=RateLimiter.horizon(settings.rate_limits),
     )
 
 
