@@ -46,6 +46,8 @@ def serve(address: str | None, data_dir: Path | None, workers: int | None, serve
         if value is not None:
             os.environ[f"CARGOHOLD_{key}"] = str(value)
     settings = load_settings()
+    if settings.tls is not None:
+        _check_tls(settings.tls)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.environ["CARGOHOLD_DATA_DIR"] = str(settings.data_dir.absolute())
     if settings.metrics:
@@ -53,7 +55,7 @@ def serve(address: str | None, data_dir: Path | None, workers: int | None, serve
     from cargohold.runtime import describe_backend, open_registry
 
     click.echo(
-        f"cargohold {__version__} on http://{settings.address} "
+        f"cargohold {__version__} on {'https' if settings.tls else 'http'}://{settings.address} "
         f"(storage: {describe_backend(settings)}, metadata: {settings.metadata_path.absolute()}, "
         f"{settings.workers} worker(s), {settings.server})",
         err=True,
@@ -77,10 +79,23 @@ def _prepare_metrics_dir(data_dir: Path) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
+def _check_tls(tls) -> None:  # type: ignore[no-untyped-def]
+    """Fail at start, with the reason, rather than in every worker."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            tls.certificate, tls.key, tls.key_password
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise click.ClickException(f"tls: cannot load {tls.certificate} / {tls.key}: {exc}") from None
+
+
 def _serve_granian(settings) -> None:  # type: ignore[no-untyped-def]
     from granian import Granian
-    from granian.constants import Interfaces
+    from granian.constants import Interfaces, SSLProtocols
 
+    tls = settings.tls
     Granian(
         "cargohold.runtime:create_asgi_app",
         address=settings.host,
@@ -92,12 +107,17 @@ def _serve_granian(settings) -> None:  # type: ignore[no-untyped-def]
         workers_kill_timeout=settings.shutdown_timeout_seconds,
         log_access=False,
         log_level=settings.log_level,
+        ssl_cert=tls and tls.certificate.absolute(),
+        ssl_key=tls and tls.key.absolute(),
+        ssl_key_password=tls and tls.key_password,
+        ssl_protocol_min=SSLProtocols.tls12,  # granian's default is 1.3 only; uvicorn takes 1.2 too
     ).serve()
 
 
 def _serve_uvicorn(settings) -> None:  # type: ignore[no-untyped-def]
     import uvicorn
 
+    tls = settings.tls
     uvicorn.run(
         "cargohold.runtime:create_asgi_app",
         host=settings.host,
@@ -110,6 +130,9 @@ def _serve_uvicorn(settings) -> None:  # type: ignore[no-untyped-def]
         # X-Forwarded-For is believed only from trusted_proxies (see create_app), not from
         # uvicorn's default of 127.0.0.1.
         proxy_headers=False,
+        ssl_certfile=tls and tls.certificate.absolute(),
+        ssl_keyfile=tls and tls.key.absolute(),
+        ssl_keyfile_password=tls and tls.key_password,
     )
 
 

@@ -576,6 +576,16 @@ class RateLimitSettings(BaseModel):
     table_slots: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
 
 
+class TLSSettings(BaseModel):
+    """HTTPS on ``address``: a PEM certificate (chain) and its private key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    certificate: Path
+    key: Path
+    key_password: str | None = None
+
+
 class AdminSettings(BaseModel):
     """The admin API under /admin/; off unless a bearer token is set."""
 
@@ -618,6 +628,7 @@ class Settings(BaseSettings):
     cache: CacheSettings | None = None  # pull-through caches of upstream registries
     auth: AuthSettings | None = None
     rate_limits: RateLimitSettings | None = None
+    tls: TLSSettings | None = None
     # Proxies (addresses or CIDR networks) whose X-Forwarded-For / X-Forwarded-Proto are
     # believed; from anyone else these headers are ignored.
     trusted_proxies: list[str] = []
