@@ -356,7 +356,8 @@ def test_retention_and_gc_treat_cached_content_like_any_other(setup: Setup) -> N
 
 def test_access_control_applies_to_cache_namespaces(setup: Setup, tmp_path: Path) -> None:
     """With ``auth:`` on (and two worker processes): a pull needs pull permission before
-    anything is fetched, and a push is refused even for someone who may push there."""
+    anything is fetched, and a push is refused even for someone who may push there. Then
+    the upstream goes away for good: what is cached is still served."""
     proxy = RecordingProxy(setup.upstream.url)
     config = tmp_path / "auth.yaml"
     config.write_text(
@@ -366,7 +367,7 @@ def test_access_control_applies_to_cache_namespaces(setup: Setup, tmp_path: Path
                     "policies": [{"repositories": "hub/**", "pull": ["reader"], "push": ["reader"]}],
                     "default": {"pull": [], "push": []},
                 },
-                "cache": {"upstreams": [{"prefix": "hub", "url": proxy.url}]},
+                "cache": {"upstreams": [{"prefix": "hub", "url": proxy.url, "tag_ttl": "1s"}]},
             }
         )
     )
@@ -389,7 +390,14 @@ def test_access_control_applies_to_cache_namespaces(setup: Setup, tmp_path: Path
                 assert {digest for digest, _ in pulls} == {image.digest}
                 assert reader.get("/v2/_catalog").json()["repositories"] == ["hub/library/guarded"]
                 assert_oci_error(reader.post("/v2/hub/library/guarded/blobs/uploads/"), 405, "UNSUPPORTED")
-            assert blob_gets(proxy.take())  # the bytes came from the upstream
+                assert blob_gets(proxy.take())  # the bytes came from the upstream
+
+                proxy.close()  # the upstream is gone: connections are refused
+                time.sleep(1.2)  # past the TTL
+                for _ in range(2):  # both workers, whichever answers
+                    assert pull_image(reader, "hub/library/guarded", "v1") == pulls[0]
+                missing = reader.get("/v2/hub/library/guarded/manifests/v2", headers=ACCEPT)
+                assert_oci_error(missing, 503, "UNAVAILABLE")
     finally:
         proxy.close()
 

@@ -37,6 +37,7 @@ class RecordingProxy:
         return taken
 
     def close(self) -> None:
+        self.down = True  # kept-alive connections are cut at their next request too
         self._server.shutdown()
         self._server.server_close()
         self._http.close()
