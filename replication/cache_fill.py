@@ -43,6 +43,8 @@ _END = object()
 
 
 class BlobFill:
+    """One blob's fetch: its upload session in the engine, its thread, and its first reader."""
+
     def __init__(
         self,
         registry: Registry,
