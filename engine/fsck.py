@@ -15,6 +15,7 @@ What "consistent" means (and what each finding's ``kind`` names):
 ``expired_upload``       an upload session past its expiry
 ``stuck_tombstone``      a tombstoned blob whose copy is not queued for deletion
 ``leak``                 a stored object no row names (a crash between writing and recording)
+``quota_count``          a quota namespace's counters differ from its link rows (repair recounts it)
 
 ``repair`` fixes only what is safe: recount counters, expire uploads, queue stuck
 tombstones and old leaks for the GC, and drop dangling tags only when asked to. It never
@@ -83,6 +84,7 @@ def fsck(
     queries = FsckQueries()
     _check_objects(store, backend, report, repair, workers)
     _check_rows(store, backend, queries, report, repair, drop_dangling_tags, lazy_blobs)
+    _check_quotas(store, report, repair)
     _check_leaks(store, backend, queries, report, repair, leak_grace_seconds)
     report.finished_at = time.time()
     return report
@@ -182,6 +184,23 @@ def _check_rows(
     if repair and expired:
         # Expiring also removes the staged bytes, which the upload sessions know how to do.
         UploadSessions(store, backend, 0).expire(staged_grace_seconds=float("inf"))
+
+
+def _check_quotas(store: MetadataStore, report: FsckReport, repair: bool) -> None:
+    """Each counted namespace against its link rows, in one snapshot (pushes go on meanwhile)."""
+    quotas = store.quota_counts
+    conn = store.read()
+    conn.execute("BEGIN")
+    try:
+        drifted = [(row, found) for row in quotas.namespaces(conn) if (found := quotas.drift(conn, row))]
+    finally:
+        conn.execute("COMMIT")
+    for row, (counted, objects) in drifted:
+        if repair:
+            with store.write() as tx:
+                quotas.count(tx, row.pattern, row.limit_bytes, row.warn_bytes, time.time())
+        detail = f"{row.bytes} bytes in {row.objects} objects, counted {counted} in {objects}"
+        report.findings.append(Finding("quota_count", row.pattern, detail, repair))
 
 
 def _check_leaks(

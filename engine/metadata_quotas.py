@@ -38,6 +38,16 @@ class NamespaceRow:
 
 
 _NAMESPACE_COLUMNS = "id, pattern, bytes, objects, limit_bytes, warn_bytes, warned"
+# (digest, links, size) of every blob link and manifest row in the repositories of a JSON id list
+# (bound twice): what quota_objects holds for a namespace.
+_LINKS = (
+    "SELECT digest, COUNT(*) AS links, MAX(size) AS size FROM ("
+    "SELECT rb.digest AS digest, b.size AS size FROM repository_blobs rb "
+    "JOIN blobs b ON b.digest = rb.digest "
+    "WHERE rb.repository_id IN (SELECT value FROM json_each(?)) "
+    "UNION ALL SELECT digest, size FROM manifests WHERE repository_id IN (SELECT value FROM json_each(?))"
+    ") GROUP BY digest"
+)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -133,10 +143,7 @@ class QuotaQueries:
     def count(self, conn: Conn, pattern: str, limit_bytes: int, warn_bytes: int, now: float) -> NamespaceRow:
         """Count the namespace from the link rows (a scan of its repositories' rows), replacing
         any count it had. In a write transaction, so no change slips between count and upkeep."""
-        glob = _glob(pattern)
-        ids = json.dumps(
-            [rid for rid, name in conn.execute("SELECT id, name FROM repositories") if glob.fullmatch(name)]
-        )
+        ids = self._repository_ids(conn, pattern)
         quota_id = conn.execute(
             "INSERT INTO quota_usage (pattern, limit_bytes, warn_bytes, counted_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (pattern) DO UPDATE SET limit_bytes = excluded.limit_bytes, "
@@ -145,13 +152,7 @@ class QuotaQueries:
         ).fetchone()[0]
         conn.execute("DELETE FROM quota_objects WHERE quota_id = ?", (quota_id,))
         conn.execute(
-            "INSERT INTO quota_objects (quota_id, digest, links, size) "
-            "SELECT ?, digest, COUNT(*), MAX(size) FROM ("
-            "SELECT rb.digest AS digest, b.size AS size FROM repository_blobs rb "
-            "JOIN blobs b ON b.digest = rb.digest "
-            "WHERE rb.repository_id IN (SELECT value FROM json_each(?)) "
-            "UNION ALL SELECT digest, size FROM manifests "
-            "WHERE repository_id IN (SELECT value FROM json_each(?))) GROUP BY digest",
+            f"INSERT INTO quota_objects (quota_id, digest, links, size) SELECT ?, * FROM ({_LINKS})",
             (quota_id, ids, ids),
         )
         conn.execute(
@@ -162,6 +163,24 @@ class QuotaQueries:
         found = self.namespace(conn, pattern)
         assert found is not None
         return found
+
+    def drift(self, conn: Conn, row: NamespaceRow) -> tuple[int, int] | None:
+        """(bytes, objects) counted afresh from the link rows, if the counters disagree (fsck)."""
+        ids = self._repository_ids(conn, row.pattern)
+        counted = conn.execute(
+            f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM ({_LINKS})", (ids, ids)
+        ).fetchone()
+        rows = conn.execute("SELECT COUNT(*) FROM quota_objects WHERE quota_id = ?", (row.id,))
+        if (row.bytes, row.objects, rows.fetchone()[0]) == (counted[0], counted[1], counted[1]):
+            return None
+        return int(counted[0]), int(counted[1])
+
+    def _repository_ids(self, conn: Conn, pattern: str) -> str:
+        """The ids of the namespace's repositories, as a JSON array (for ``json_each``)."""
+        glob = _glob(pattern)
+        return json.dumps(
+            [rid for rid, name in conn.execute("SELECT id, name FROM repositories") if glob.fullmatch(name)]
+        )
 
     def set_limits(self, conn: Conn, quota_id: int, limit_bytes: int, warn_bytes: int) -> None:
         conn.execute(

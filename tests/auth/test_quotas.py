@@ -39,6 +39,7 @@ from tests.api.oci import (
     with_query,
 )
 from tests.auth.conftest import error_code
+from tests.engine.conftest import push_image as engine_push
 from tests.replication.support import push_image, wait_for
 from tests.replication.test_webhooks import Receiver
 from tests.support.clients import Skopeo
@@ -403,3 +404,21 @@ def test_uploads_that_passed_every_earlier_check_together_still_cannot_exceed(tm
     assert registry.usage().quotas[0].used_bytes == 800
     assert len(list(backend.list())) == 2  # the refused copies were committed, then deleted
     assert check_data_dir(tmp_path) == []
+
+
+def test_fsck_finds_and_recounts_drifted_quota_counters(tmp_path: Path) -> None:
+    registry = Registry(
+        MetadataStore(tmp_path / "metadata.db"),
+        FilesystemBackend(tmp_path / "blobs"),
+        quotas=[Quota("ns/**", 10_000)],
+    )
+    engine_push(registry, "ns/app", "v1", b'{"n":1}', [os.urandom(1000)])
+    used = registry.usage().quotas[0].used_bytes
+    assert registry.fsck().clean
+    with registry.store.write() as conn:  # what a process without the upkeep would leave behind
+        conn.execute("DELETE FROM quota_objects WHERE size = 1000")
+    report = registry.fsck()
+    assert [(f.kind, f.subject, f.repaired) for f in report.findings] == [("quota_count", "ns/**", False)]
+    assert registry.fsck(repair=True).findings[0].repaired
+    assert registry.fsck().clean
+    assert registry.usage().quotas[0].used_bytes == used
