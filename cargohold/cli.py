@@ -354,6 +354,8 @@ def replicate_run(rule: str, no_wait: bool, timeout: float | None, as_json: bool
                 f"compared, {reconciled['in_sync']} in sync, {reconciled['jobs_enqueued']} jobs queued"
             )
         if drained is not None:
+            if drained["left_to"]:
+                click.echo(f"jobs left to the replication worker holding the lease ({drained['left_to']})")
             click.echo(
                 f"ran {drained['jobs_run']} jobs: {drained['succeeded']} done, {drained['failed']} failed; "
                 f"{drained['waiting']} still open, {drained['dead']} dead"

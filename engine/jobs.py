@@ -59,6 +59,10 @@ class JobLedger:
                 return self.queries.take_over_lease(conn, name, holder, self.owner, ttl, now)
             return False
 
+    def holder(self, name: str) -> str | None:
+        """Who holds the lease ``name`` now (host:pid:nonce), if anyone."""
+        return self.queries.lease_owner(self.store.read(), name)
+
     def release(self, name: str) -> None:
         with self.store.write() as conn:
             self.queries.release_lease(conn, name, self.owner)

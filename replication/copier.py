@@ -102,7 +102,10 @@ class Copier:
         if not self.rule.covers_artifact(parsed.artifact_type, parsed.media_type):
             self.outcome.actions.append(f"skipped {repository}:{tag} (artifact type {parsed.artifact_type})")
             return self.outcome
-        self.copy_manifest(repository, destination, fetched)
+        if self.copy_manifest(repository, destination, fetched, tag=tag):
+            self.job.count(tags_moved=1)
+            self.outcome.actions.append(f"tagged {destination}:{tag} -> {fetched.digest}")
+            return self.outcome
         current = self.sink.manifest_digest(destination, tag)
         if current != fetched.digest:
             self.sink.put_manifest(destination, tag, fetched, None)
@@ -133,11 +136,19 @@ class Copier:
         return self.outcome
 
     # -- manifests ---------------------------------------------------------------------------
-    def copy_manifest(self, repository: str, destination: str, fetched: Fetched, depth: int = 0) -> None:
+    def copy_manifest(
+        self, repository: str, destination: str, fetched: Fetched, depth: int = 0, tag: str | None = None
+    ) -> bool:
+        """Copy a manifest (its tree first, its referrers after); True if that also set ``tag``.
+
+        The tag is set by the manifest's own PUT only when no referrer has to arrive before it
+        (the usual image): one request, and the manifest's bytes go once instead of twice.
+        """
         if (destination, fetched.digest) in self._manifests_done:
-            return
+            return False
         self._manifests_done.add((destination, fetched.digest))
         parsed = parse_manifest(fetched.data, fetched.media_type)
+        tagged = False
         # A registry accepts a manifest only once everything it references is there, so a
         # manifest present on the sink has its whole tree there too.
         if self.sink.manifest_digest(destination, fetched.digest) is None:
@@ -148,17 +159,29 @@ class Copier:
                 self.copy_manifest(repository, destination, child_manifest, depth)
             for blob in parsed.blobs:
                 self.copy_blob(repository, destination, blob.digest, blob.size)
-            self.sink.put_manifest(destination, fetched.digest, fetched, parsed.subject)
+            tagged = tag is not None and not self.referrers_to_copy(repository, fetched.digest, depth)
+            reference = tag if tagged and tag is not None else fetched.digest
+            self.sink.put_manifest(destination, reference, fetched, parsed.subject)
             self.job.count(manifests_sent=1, bytes_sent=len(fetched.data))
             self.outcome.actions.append(f"sent {destination}@{fetched.digest}")
-        if self.rule.rule.include_referrers and depth < MAX_REFERRER_DEPTH:
-            self.copy_referrers(repository, destination, fetched.digest, depth)
+        # Listed (again) once the manifest is there: a referrer pushed meanwhile is not missed
+        # (its own job finds the subject on the sink and copies it, or this list has it).
+        self.copy_referrers(repository, destination, fetched.digest, depth)
+        return tagged
+
+    def referrers_to_copy(self, repository: str, subject: str, depth: int) -> list[str]:
+        """Digests of the referrers of ``subject`` the rule copies."""
+        if not self.rule.rule.include_referrers or depth >= MAX_REFERRER_DEPTH:
+            return []
+        return [
+            descriptor["digest"]
+            for descriptor in self.source.referrers(repository, subject)
+            if isinstance(descriptor.get("digest"), str)
+            and self.rule.covers_referrer(descriptor.get("artifactType"))
+        ]
 
     def copy_referrers(self, repository: str, destination: str, subject: str, depth: int) -> None:
-        for descriptor in self.source.referrers(repository, subject):
-            digest = descriptor.get("digest")
-            if not isinstance(digest, str) or not self.rule.covers_referrer(descriptor.get("artifactType")):
-                continue
+        for digest in self.referrers_to_copy(repository, subject, depth):
             referrer = self.source.manifest(repository, digest)
             if referrer is not None:  # deleted meanwhile: nothing to copy
                 self.copy_manifest(repository, destination, referrer, depth + 1)

@@ -2,7 +2,9 @@
 
 Only the process holding the job's lease works; an idle round only reads. The lease is
 renewed a few times per TTL, and processes that do not hold it try again every few
-seconds (a dead holder on this host is taken over at once, see ``engine.jobs``).
+seconds (a dead holder on this host is taken over at once, see ``engine.jobs``). A
+caller whose work ends between rounds (a finished job frees a worker) passes ``wake``
+and sets it, so the next round does not wait out the poll interval.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from cargohold.engine.jobs import JobLedger
 log = logging.getLogger(__name__)
 
 
+def lease_ttl(poll_interval: float) -> float:
+    """How long a loop's lease lasts unrenewed; it is renewed a few times in that span."""
+    return max(30.0, 10 * poll_interval)
+
+
 def run_leased_loop(
     jobs: JobLedger,
     lease: str,
@@ -24,8 +31,9 @@ def run_leased_loop(
     stop: threading.Event,
     step: Callable[[], object],
     name: str,
+    wake: threading.Event | None = None,
 ) -> None:
-    ttl = max(30.0, 10 * poll_interval)
+    ttl = lease_ttl(poll_interval)
     holding, next_try = False, 0.0
     while not stop.is_set():
         try:
@@ -36,4 +44,8 @@ def run_leased_loop(
                 step()
         except Exception:
             log.exception("%s round failed", name)
-        stop.wait(poll_interval)
+        if wake is None:
+            stop.wait(poll_interval)
+        else:
+            wake.wait(poll_interval)  # set by stop() too
+            wake.clear()

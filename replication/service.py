@@ -37,7 +37,7 @@ from cargohold.engine.metadata import Conn
 from cargohold.engine.metadata_events import JobRow, NewJob, ReplicationQueries
 from cargohold.replication.client import RegistryClient, RemoteError
 from cargohold.replication.copier import Copier, KeyedLocks
-from cargohold.replication.leased_loop import run_leased_loop
+from cargohold.replication.leased_loop import lease_ttl, run_leased_loop
 from cargohold.replication.rules import MANIFEST_JOB, TAG_JOB, CompiledRule, has_wildcard
 from cargohold.replication.sides import LocalSide, RemoteSide, Side
 
@@ -46,6 +46,7 @@ LEASE = "replication"
 TOUCH_SECONDS = 5.0  # a running job renews its lease at least this often while it works
 HOUSEKEEPING_SECONDS = 300.0
 RECOVER_SECONDS = 5.0  # how often running jobs of dead runners are looked for
+DEFER_POLL_SECONDS = 0.5  # how often a drain that left the work to the lease holder looks again
 
 
 class Interrupted(Exception):
@@ -189,6 +190,7 @@ class DrainReport:
     dead: int = 0
     waiting: int = 0  # jobs still open when the drain ended (backing off, or run elsewhere)
     errors: list[str] = field(default_factory=list)
+    left_to: str | None = None  # the process holding the replication lease, which ran the jobs
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
@@ -219,6 +221,7 @@ class ReplicationService:
         self._lock = threading.Lock()
         self._blob_locks = KeyedLocks()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a job ended: the loop's next round need not wait
         self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="replication")
         self._inflight: set[Future[bool]] = set()
         self._thread: threading.Thread | None = None
@@ -261,6 +264,7 @@ class ReplicationService:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking work; running jobs stop at their next chunk and go back to pending."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
         wait(list(self._inflight), timeout=timeout)
@@ -276,7 +280,13 @@ class ReplicationService:
 
     def _loop(self) -> None:
         run_leased_loop(
-            self.registry.jobs, LEASE, self.settings.poll_interval, self._stop, self.step, "replication"
+            self.registry.jobs,
+            LEASE,
+            self.settings.poll_interval,
+            self._stop,
+            self.step,
+            "replication",
+            self._wake,
         )
 
     def step(self) -> int:
@@ -351,7 +361,9 @@ class ReplicationService:
         with self.registry.store.write() as conn:
             rows = self.queries.claim(conn, self.owner, time.time(), self.settings.job_lease, free, rules)
         for row in rows:
-            self._inflight.add(self._pool.submit(self.run_job, row))
+            future = self._pool.submit(self.run_job, row)
+            future.add_done_callback(lambda _done: self._wake.set())
+            self._inflight.add(future)
         return len(rows)
 
     def run_job(self, row: JobRow) -> bool:
@@ -487,25 +499,38 @@ class ReplicationService:
         return False
 
     def drain(self, rule_names: Sequence[str], timeout: float | None = None) -> DrainReport:
-        """Run the rules' due jobs here until none is left (or ``timeout``)."""
+        """Run the rules' due jobs until none is left (or ``timeout``).
+
+        One process at a time runs replication jobs: the holder of the ``replication`` lease
+        (a ``cargohold serve`` worker, while it replicates). Two runners side by side could
+        both send a layer their jobs share, and each would spend the target's rate limit in
+        full. So while another live process holds the lease, this one leaves the jobs to it
+        and waits until none is due or running; if the holder goes, this one takes over.
+        """
         report = DrainReport()
         deadline = None if timeout is None else time.monotonic() + timeout
         self.register_rules()
-        while deadline is None or time.monotonic() < deadline:
-            self.recover()
-            if any(self.rules[name].push for name in rule_names):
-                self.dispatch()
-            self._submit(rule_names)
-            if not self._inflight:
-                break
-            done, _ = wait(list(self._inflight), timeout=1.0, return_when=FIRST_COMPLETED)
-            for future in done:
-                self._inflight.discard(future)
-                report.jobs_run += 1
-                if future.result():
-                    report.succeeded += 1
-                else:
-                    report.failed += 1
+        holding = False
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                holding = self.registry.jobs.acquire(LEASE, lease_ttl(self.settings.poll_interval))
+                if not holding:
+                    report.left_to = self.registry.jobs.holder(LEASE) or report.left_to
+                    if not self._busy(rule_names):
+                        break
+                    time.sleep(DEFER_POLL_SECONDS)
+                    continue
+                self.recover()
+                if any(self.rules[name].push for name in rule_names):
+                    self.dispatch()
+                self._submit(rule_names)
+                if not self._inflight:
+                    break
+                self._collect(report, wait(list(self._inflight), 1.0, FIRST_COMPLETED).done)
+        finally:
+            if holding:  # the jobs still running here finish before another runner may start
+                self._collect(report, wait(list(self._inflight)).done)
+                self.registry.jobs.release(LEASE)
         conn = self.registry.store.read()
         report.waiting = self.queries.open_jobs(conn, rule_names)
         for row in self.queries.jobs(conn, None, ("dead",), 1000):
@@ -514,6 +539,24 @@ class ReplicationService:
                 if row.last_error:
                     report.errors.append(f"{row.repository}:{row.name}: {row.last_error}")
         return report
+
+    def _collect(self, report: DrainReport, done: Iterable[Future[bool]]) -> None:
+        for future in done:
+            self._inflight.discard(future)
+            report.jobs_run += 1
+            if future.result():
+                report.succeeded += 1
+            else:
+                report.failed += 1
+
+    def _busy(self, rule_names: Sequence[str]) -> bool:
+        """Some job of the rules is running, or pending and due."""
+        conn = self.registry.store.read()
+        counts = self.queries.job_counts(conn)
+        if any(counts.get((name, "running"), 0) for name in rule_names):
+            return True
+        due = self.queries.next_due(conn, rule_names)
+        return due is not None and due <= time.time()
 
     def retry_dead(self, rule_name: str) -> int:
         with self.registry.store.write() as conn:

@@ -4,13 +4,16 @@ write a source registry's replication config, and wait for things to arrive."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import json
 import os
+import random
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,8 @@ from tests.api.oci import (
     image_manifest,
     push_blob,
     sha256,
+    start_upload,
+    with_query,
 )
 
 ADMIN_TOKEN = "replication-admin-token"
@@ -55,6 +60,61 @@ def push_image(
     manifest = encode(doc)
     put_manifest(client, repo, tag or sha256(manifest), manifest, OCI_MANIFEST)
     return Image(sha256(manifest), manifest, blobs)
+
+
+PIECE = 1 << 20
+
+
+def seeded_chunks(seed: int, size: int) -> Iterator[bytes]:
+    """``size`` reproducible pseudo-random bytes, made ``PIECE`` bytes at a time (never held whole)."""
+    rng = random.Random(seed)
+    for offset in range(0, size, PIECE):
+        yield rng.randbytes(min(PIECE, size - offset))
+
+
+def push_streamed_blob(
+    client: httpx.Client, repo: str, seed: int, size: int, chunk_size: int = 64 << 20
+) -> str:
+    """Upload ``seeded_chunks(seed, size)`` in streamed PATCHes of ``chunk_size`` bytes (a multiple
+    of ``PIECE``), hashing as it goes, then the closing PUT with the digest. No request body is
+    ever a bytes object: httpx keeps finished requests alive in reference cycles for a while."""
+    assert chunk_size % PIECE == 0
+    pieces = seeded_chunks(seed, size)
+    hasher = hashlib.sha256()
+    location = start_upload(client, repo).headers["location"]
+
+    def body(length: int) -> Iterator[bytes]:
+        for piece in itertools.islice(pieces, -(-length // PIECE)):
+            hasher.update(piece)
+            yield piece
+
+    for offset in range(0, size, chunk_size):
+        length = min(chunk_size, size - offset)
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(length),
+            "Content-Range": f"{offset}-{offset + length - 1}",
+        }
+        response = client.patch(location, content=body(length), headers=headers)
+        assert response.status_code == 202, f"PATCH {repo}: {response.status_code} {response.text}"
+        location = response.headers["location"]
+    digest = "sha256:" + hasher.hexdigest()
+    response = client.put(with_query(location, {"digest": digest}))
+    assert response.status_code == 201, f"PUT {repo} {digest}: {response.status_code} {response.text}"
+    return digest
+
+
+def push_large_image(client: httpx.Client, repo: str, tag: str, seed: int, size: int) -> Image:
+    """An image of one large layer, uploaded as a stream (see ``push_streamed_blob``)."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "label": os.urandom(4).hex()}).encode()
+    config_digest = push_blob(client, repo, config)
+    layer = push_streamed_blob(client, repo, seed, size)
+    doc = image_manifest(
+        descriptor(OCI_CONFIG, config), [{"mediaType": OCI_LAYER, "digest": layer, "size": size}]
+    )
+    manifest = encode(doc)
+    put_manifest(client, repo, tag, manifest, OCI_MANIFEST)
+    return Image(sha256(manifest), manifest, {config_digest: len(config), layer: size})
 
 
 def push_index(client: httpx.Client, repo: str, tag: str, images: list[Image]) -> Image:

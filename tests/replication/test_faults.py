@@ -1,4 +1,4 @@
-"""Faults: the target dies in the middle of a large blob, the source is killed (-9) with
+"""Faults: the target dies in the middle of a 500 MiB layer, the source is killed (-9) with
 jobs pending and one running. Replication resumes from the target's acknowledged offset
 and from the jobs table: nothing is lost, nothing is sent or done twice."""
 
@@ -20,15 +20,19 @@ from tests.replication.support import (
     CountingProxy,
     caught_up,
     digest_of_tag,
-    has_blob,
     push_image,
+    push_large_image,
     status,
     wait_for,
     write_config,
 )
+from tests.support.memory import current_rss, peak_rss, reset_peak, tree_peak_rss
 from tests.support.servers import RegistryProcess
 
 MiB = 1024 * 1024
+LAYER = 500 * MiB
+CHUNK = 8 * MiB
+SERVER_PEAK = 200 * MiB  # a server tree (supervisor and one worker), whatever the blob size
 
 
 @pytest.fixture
@@ -48,45 +52,64 @@ def sent_so_far(source: RegistryProcess, rule: str) -> int:
 
 
 @pytest.mark.slow
-def test_a_target_stopped_mid_blob_resumes_from_the_acknowledged_offset(
+def test_a_target_stopped_mid_layer_resumes_from_the_acknowledged_offset(
     tmp_path: Path, target: RegistryProcess
 ) -> None:
+    """A 500 MiB layer, generated and sent as a stream: no process under test (this one, the
+    source, either life of the target) holds it, and the resumed transfer sends only the rest."""
     proxy = CountingProxy(target.port)
     config = write_config(
         tmp_path / "source.yaml",
-        targets=[{"name": "far", "url": proxy.url, "rate_limit": "32MiB"}],
+        targets=[{"name": "far", "url": proxy.url, "rate_limit": "160MiB"}],
         rules=[{"name": "to-far", "target": "far", "repositories": ["big/*"]}],
-        chunk_size="4MiB",
+        chunk_size=f"{CHUNK // MiB}MiB",
         backoff=0.3,
     )
+    reset_peak(os.getpid())
+    runner_before = current_rss(os.getpid())
+    env = {"CARGOHOLD_CONFIG": str(config), "CARGOHOLD_WORKERS": "1"}
     with (
-        RegistryProcess(data_dir=tmp_path / "source", env={"CARGOHOLD_CONFIG": str(config)}) as source,
-        httpx.Client(base_url=source.url, timeout=60) as client,
+        RegistryProcess(data_dir=tmp_path / "source", env=env) as source,
+        httpx.Client(base_url=source.url, timeout=120) as client,
     ):
-        layer = os.urandom(64 * MiB)
-        image = push_image(client, "big/app", "v1", [layer])
+        assert source.proc is not None and target.proc is not None
+        image = push_large_image(client, "big/app", "v1", 5, LAYER)
         wait_for(
-            lambda: sent_so_far(source, "to-far") > 24 * MiB, "a third of the layer to be sent", 30, 0.05
+            lambda: sent_so_far(source, "to-far") > LAYER // 3, "a third of the layer to be sent", 60, 0.02
         )
+        target_peaks = tree_peak_rss(target.proc.pid)  # the first life, just before it dies
         target.kill()  # the far region goes away mid-transfer
         at_kill = proxy.sent
         time.sleep(1.0)  # attempts fail meanwhile (connection refused) and back off
         restart(target)
-        wait_for(lambda: digest_of_tag(target.url, "big/app", "v1") == image.digest, "the image", 60)
+        assert target.proc is not None
+        wait_for(lambda: digest_of_tag(target.url, "big/app", "v1") == image.digest, "the image", 90)
         wait_for(lambda: caught_up(source.url, "to-far"), "the rule to catch up")
         state = status(source.url)["to-far"]
+        source_peaks = tree_peak_rss(source.proc.pid)
+        after = tree_peak_rss(target.proc.pid)
     proxy.close()
+    runner_growth = peak_rss(os.getpid()) - runner_before
 
     whole = sum(image.blobs.values())
+    after_restart = proxy.sent - at_kill
     print(
-        f"\nresume: blob {len(layer)} bytes; {at_kill} on the wire when the target died, "
-        f"{proxy.sent} in all ({proxy.sent / len(layer):.2f}x); {state['failures']} failed attempts"
+        f"\nresume: layer {LAYER / MiB:.0f} MiB; {at_kill / MiB:.1f} MiB on the wire when the target died, "
+        f"{after_restart / MiB:.1f} MiB after it came back, {proxy.sent / MiB:.1f} MiB in all "
+        f"({proxy.sent / LAYER:.3f}x); {state['failures']} failed attempts; peak RSS: source "
+        f"{sum(source_peaks.values()) / MiB:.0f} MiB, target {sum(target_peaks.values()) / MiB:.0f} MiB "
+        f"before the kill and {sum(after.values()) / MiB:.0f} MiB after; "
+        f"test runner +{runner_growth / MiB:.0f} MiB"
     )
-    assert has_blob(target.url, "big/app", list(image.blobs)[1])  # verified by the target on arrival
-    assert 8 * MiB < at_kill < whole  # it really was cut in the middle
-    assert state["failures"] >= 1 and state["jobs"]["dead"] == 0
+    assert LAYER // 4 < at_kill < LAYER * 3 // 4  # it really was cut in the middle
+    assert state["failures"] >= 1 and state["jobs"]["dead"] == 0 and state["blobs_sent"] == 2
     # Resumed from the acknowledged offset: at most the chunk in flight is sent again.
-    assert proxy.sent < whole + 6 * MiB
+    assert proxy.sent < whole + CHUNK + MiB
+    assert after_restart < LAYER - at_kill + CHUNK + MiB
+    # Streams, not buffers: nobody held the layer, or even a tenth of it.
+    for peaks in (source_peaks, target_peaks, after):
+        assert sum(peaks.values()) < SERVER_PEAK, peaks
+    assert runner_growth < LAYER // 10
 
 
 @pytest.mark.slow

@@ -10,32 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.memory import tree_peak_rss
 from tests.support.servers import RegistryProcess
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
 BLOB_SIZE = 2048 * MiB
 PEAK_LIMIT = 150 * MiB
-
-
-def server_pids(root_pid: int) -> list[int]:
-    """The server process and all its descendants."""
-    pids, frontier = [root_pid], [root_pid]
-    while frontier:
-        pid = frontier.pop()
-        children = Path(f"/proc/{pid}/task/{pid}/children")
-        if children.exists():
-            kids = [int(x) for x in children.read_text().split()]
-            pids.extend(kids)
-            frontier.extend(kids)
-    return pids
-
-
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for {pid}")
 
 
 def pattern_blob(seed: int) -> Iterator[bytes]:
@@ -84,7 +65,7 @@ def test_two_gib_push_and_pull_keep_server_memory_flat(tmp_path: Path) -> None:
                     for chunk in response.iter_bytes(8 * MiB):
                         pulled.update(chunk)
                 assert "sha256:" + pulled.hexdigest() == digest
-        peaks = {pid: peak_rss(pid) for pid in server_pids(server.proc.pid)}
+        peaks = tree_peak_rss(server.proc.pid)
         report = ", ".join(f"pid {pid}: {rss / MiB:.0f} MiB" for pid, rss in peaks.items())
         print(f"peak RSS per server process: {report}")
         # The whole tree (ASGI server supervisor and worker) counts, not only the worker.
