@@ -162,3 +162,11 @@ class LocalPaths(Protocol):
     """Capability: objects are plain local files, so the server may send them with sendfile."""
 
     def local_path(self, key: str) -> Path: ...
+
+
+@runtime_checkable
+class ListsNames(Protocol):
+    """Capability: keys can be listed more cheaply than ``list`` (no size or time per object),
+    e.g. directory entries without a ``stat`` each; the GC's leak scan stats only strangers."""
+
+    def list_names(self, prefix: str = "") -> Iterator[str]: ...

@@ -178,21 +178,33 @@ class FilesystemBackend:
         return failed
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for key in self.list_names(prefix):
+            try:
+                st = os.stat(self._objects / key)
+            except FileNotFoundError:
+                continue
+            yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def list_names(self, prefix: str = "") -> Iterator[str]:
         directory, _, _ = prefix.rpartition("/")
         start = self._objects / directory if directory else self._objects
-        if not start.is_dir():
+        if start.is_dir():
+            base = f"{directory}/" if directory else ""
+            yield from (key for key in self._names_in(start, base) if key.startswith(prefix))
+
+    def _names_in(self, directory: Path, base: str) -> Iterator[str]:
+        """Keys under ``directory`` in key order, as object stores list them (a directory
+        sorts as its name plus "/", so "a/x" comes after "a-b" and before "a0")."""
+        try:
+            with os.scandir(directory) as scan:
+                entries = sorted(((e.name + "/" if e.is_dir() else e.name), e) for e in scan)
+        except FileNotFoundError:
             return
-        for dirpath, _dirnames, filenames in os.walk(start):
-            rel_dir = os.path.relpath(dirpath, self._objects)
-            for filename in filenames:
-                key = filename if rel_dir == "." else f"{rel_dir}/{filename}"
-                if not key.startswith(prefix):
-                    continue
-                try:
-                    st = os.stat(os.path.join(dirpath, filename))
-                except FileNotFoundError:
-                    continue
-                yield ObjectInfo(key, st.st_size, st.st_mtime)
+        for name, entry in entries:
+            if name.endswith("/"):
+                yield from self._names_in(Path(entry.path), base + name)
+            else:
+                yield base + name
 
     # -- staged uploads ----------------------------------------------------------------
     def create_staged(self, key: str) -> str:

@@ -24,16 +24,19 @@ may go, each in one transaction:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from cargohold.backends.base import Backend, ObjectInfo
+from cargohold.backends.base import Backend, ListsNames, LocalPaths, ObjectInfo, ObjectNotFound
 from cargohold.engine.layout import BLOB_PREFIX
 from cargohold.engine.metadata import MetadataStore
 from cargohold.engine.metadata_jobs import CollectibleBlob, JobQueries
 
+T = TypeVar("T")
 BATCH = 2000  # blobs per transaction: fewer commits (each an fsync) without holding the lock long
 
 
@@ -42,6 +45,18 @@ class PurgeResult:
     deleted: int = 0
     bytes: int = 0
     failed: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)  # keys deleted, still to be forgotten
+
+
+def _missing(listing: Iterable[T], named: Iterator[str], key_of: Callable[[T], str]) -> Iterator[T]:
+    """Items of ``listing`` whose key is not in ``named``, both ascending (a merge walk)."""
+    current = next(named, None)
+    for item in listing:
+        key = key_of(item)
+        while current is not None and current < key:
+            current = next(named, None)
+        if current != key:
+            yield item
 
 
 class Collection:
@@ -49,7 +64,10 @@ class Collection:
         self.store = store
         self.backend = backend
         self.queries = JobQueries(store)
-        self.delete_workers = delete_workers
+        # Local unlinks are short syscalls: threads would mostly queue for the GIL (measured:
+        # one thread is the fastest on the filesystem store). Object stores wait on the network.
+        self.delete_workers = 1 if isinstance(backend, LocalPaths) else delete_workers
+        self._pool: ThreadPoolExecutor | None = None  # one pool: threads per batch cost more than deletes
 
     def mark(self, cutoff: float) -> Iterator[list[CollectibleBlob]]:
         """Candidates in pages of ``BATCH``, in digest order."""
@@ -61,9 +79,31 @@ class Collection:
             yield page
             after = page[-1].digest
 
-    def sweep(self, digests: list[str], cutoff: float) -> list[CollectibleBlob]:
+    def sweep(self, digests: list[str], cutoff: float, forget: Sequence[str] = ()) -> list[CollectibleBlob]:
+        """Tombstone the candidates that are still collectible; the same transaction forgets
+        ``forget``, copies already deleted (one commit per page instead of two)."""
         with self.store.write() as conn:
+            self.queries.prepare_bulk(conn)
+            self.queries.forget_deleted(conn, forget)
             return self.queries.tombstone(conn, digests, cutoff, time.time())
+
+    def delete_copies(self, blobs: list[CollectibleBlob]) -> PurgeResult:
+        """Delete the copies a committed sweep queued. Their queue entries stay until a later
+        transaction forgets ``gone``; a crash before that leaves them for ``purge``."""
+        failed = set(self._delete([blob.storage_key for blob in blobs])) if blobs else set()
+        result = PurgeResult(failed=sorted(failed))
+        for blob in blobs:
+            if blob.storage_key not in failed:
+                result.gone.append(blob.storage_key)
+                result.deleted += 1
+                result.bytes += blob.size
+        return result
+
+    def forget(self, keys: Sequence[str]) -> None:
+        # Not fsynced: if a power loss undoes it, the next run deletes (idempotently) and forgets again.
+        if keys:
+            with self.store.write(durable=False) as conn:
+                self.queries.forget_deleted(conn, keys)
 
     def purge(self) -> PurgeResult:
         """Delete every queued copy (in batches, in parallel) and forget those that went."""
@@ -73,39 +113,43 @@ class Collection:
             batch = [blob for blob in batch if blob.storage_key not in result.failed]
             if not batch:
                 return result
-            keys = [blob.storage_key for blob in batch]
-            failed = set(self._delete(keys))
-            gone = [blob for blob in batch if blob.storage_key not in failed]
-            # Not fsynced: if a power loss undoes it, the next run deletes (idempotently) and forgets again.
-            with self.store.write(durable=False) as conn:
-                self.queries.forget_deleted(conn, [blob.storage_key for blob in gone])
-            result.deleted += len(gone)
-            result.bytes += sum(blob.size for blob in gone)
-            result.failed.extend(sorted(failed))
+            deleted = self.delete_copies(batch)
+            self.forget(deleted.gone)
+            result.deleted += deleted.deleted
+            result.bytes += deleted.bytes
+            result.failed.extend(deleted.failed)
 
     def _delete(self, keys: list[str]) -> list[str]:
         """The backend's batch delete, several batches at once for stores with latency."""
         chunks = [keys[i : i + 100] for i in range(0, len(keys), 100)]
-        if len(chunks) == 1:
+        if len(chunks) == 1 or self.delete_workers == 1:
             return self.backend.delete_many(keys)
-        with ThreadPoolExecutor(min(self.delete_workers, len(chunks))) as pool:
-            return [key for failed in pool.map(self.backend.delete_many, chunks) for key in failed]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.delete_workers, thread_name_prefix="gc-delete")
+        return [key for failed in self._pool.map(self.backend.delete_many, chunks) for key in failed]
 
     def queued(self) -> list[CollectibleBlob]:
         return self.queries.doomed(self.store.read(), 1_000_000)
 
     def leaks(self, cutoff: float) -> list[ObjectInfo]:
-        """Stored objects that no row names, last modified before ``cutoff``."""
-        leaks: list[ObjectInfo] = []
-        page: list[ObjectInfo] = []
-        for info in self.backend.list(BLOB_PREFIX):
-            if info.modified < cutoff:
-                page.append(info)
-            if len(page) >= BATCH:
-                leaks.extend(self._unknown(page))
-                page = []
-        leaks.extend(self._unknown(page))
-        return leaks
+        """Stored objects that no row names, last modified before ``cutoff``.
+
+        The store's listing and the keys the rows name are walked side by side, both in key
+        order, so no key is looked up one by one. The suspects are re-checked one by one
+        before anything is deleted (``delete_leaks``), so a listing out of order costs work,
+        never a blob.
+        """
+        named = self.queries.named_keys(self.store.read())
+        if isinstance(self.backend, ListsNames):
+            suspects = _missing(self.backend.list_names(BLOB_PREFIX), named, lambda key: key)
+            found: Iterable[ObjectInfo] = (info for key in suspects for info in self._stat(key))
+        else:
+            found = _missing(self.backend.list(BLOB_PREFIX), named, lambda info: info.key)
+        return [info for info in found if info.modified < cutoff]
+
+    def _stat(self, key: str) -> Iterator[ObjectInfo]:
+        with contextlib.suppress(ObjectNotFound):  # deleted meanwhile
+            yield self.backend.stat(key)
 
     def _unknown(self, page: list[ObjectInfo]) -> list[ObjectInfo]:
         known = self.queries.known_keys(self.store.read(), [info.key for info in page])

@@ -225,7 +225,7 @@ class MetadataStore:
             return storage_key
         if existing is not None and existing.state == "quarantined":
             # A healthy copy replaces a corrupt one: the corrupt copy can go now.
-            self.queue_object_deletion(conn, existing.storage_key, digest, now)
+            self.queue_object_deletion(conn, existing.storage_key, digest, now, existing.size)
         if existing is None:
             # Counted, not 0: a pull-through cache stores manifests before their blobs, so
             # references may already name a digest that arrives only now.
@@ -246,10 +246,12 @@ class MetadataStore:
     def touch_blobs(self, conn: Conn, touches: Iterable[tuple[float, str]]) -> None:
         conn.executemany("UPDATE blobs SET touched_at = MAX(touched_at, ?) WHERE digest = ?", touches)
 
-    def queue_object_deletion(self, conn: Conn, storage_key: str, digest: str | None, now: float) -> None:
+    def queue_object_deletion(
+        self, conn: Conn, storage_key: str, digest: str | None, now: float, size: int | None = None
+    ) -> None:
         conn.execute(
-            "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, queued_at) VALUES (?, ?, ?)",
-            (storage_key, digest, now),
+            "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, size, queued_at) VALUES (?, ?, ?, ?)",
+            (storage_key, digest, size, now),
         )
 
     def forget_doomed(self, conn: Conn, keys: Iterable[str]) -> None:

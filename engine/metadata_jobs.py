@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,50 +53,63 @@ class JobQueries:
         )
         return [CollectibleBlob(*row) for row in rows]
 
+    def prepare_bulk(self, conn: Conn) -> None:
+        """A page cache big enough for a sweep's pages (the default 2 MiB re-reads them)."""
+        conn.execute("PRAGMA cache_size = -32768")
+
     def tombstone(
         self, conn: Conn, digests: Sequence[str], cutoff: float, now: float
     ) -> list[CollectibleBlob]:
         """Re-check and tombstone, in the caller's write transaction: only blobs that are
-        still unreferenced and idle flip to 'deleting'; their links go and their copies are
-        queued for physical deletion."""
+        still unreferenced and idle go; their rows and links go now (so the digest answers
+        404 at once) and their copies are queued, with their sizes, for physical deletion."""
         if not digests:
             return []
         rows = conn.execute(
-            f"UPDATE blobs SET state = 'deleting', repo_links = 0 WHERE digest IN ({_marks(digests)}) "
+            f"DELETE FROM blobs WHERE digest IN ({_marks(digests)}) "
             "AND state = 'live' AND manifest_refs = 0 AND touched_at < ? RETURNING digest, storage_key, size",
             (*digests, cutoff),
         ).fetchall()
-        doomed = [CollectibleBlob(*row) for row in rows]
+        doomed = sorted((CollectibleBlob(*row) for row in rows), key=lambda blob: blob.digest)
         if doomed:
             gone = [blob.digest for blob in doomed]
             links = self.store.quota_counts.repository_links(conn, gone)
             conn.execute(f"DELETE FROM repository_blobs WHERE digest IN ({_marks(gone)})", gone)
             self.store.quota_counts.unlinked(conn, links)
             conn.executemany(
-                "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, queued_at) VALUES (?, ?, ?)",
-                ((blob.storage_key, blob.digest, now) for blob in doomed),
+                "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, size, queued_at) "
+                "VALUES (?, ?, ?, ?)",
+                ((blob.storage_key, blob.digest, blob.size, now) for blob in doomed),
             )
         return doomed
 
     def doomed(self, conn: Conn, limit: int) -> list[CollectibleBlob]:
-        """Queued copies, with the size of the blob row that still names them (0 if none)."""
+        """Queued copies with their sizes (0 if unknown: a leak queued by fsck)."""
         rows = conn.execute(
-            "SELECT d.storage_key, COALESCE(d.digest, ''), COALESCE(b.size, 0) FROM doomed_objects d "
-            "LEFT JOIN blobs b ON b.storage_key = d.storage_key ORDER BY d.queued_at LIMIT ?",
+            "SELECT storage_key, COALESCE(digest, ''), COALESCE(size, 0) FROM doomed_objects "
+            "ORDER BY queued_at LIMIT ?",
             (limit,),
         )
         return [CollectibleBlob(digest, key, size) for key, digest, size in rows]
 
     def forget_deleted(self, conn: Conn, keys: Sequence[str]) -> None:
-        """The copies are gone: drop their queue entries and the tombstoned rows naming them.
-        A row revived by a re-upload names a new key and is 'live', so it stays."""
-        if not keys:
-            return
-        conn.execute(f"DELETE FROM doomed_objects WHERE storage_key IN ({_marks(keys)})", keys)
-        conn.execute(f"DELETE FROM blobs WHERE state = 'deleting' AND storage_key IN ({_marks(keys)})", keys)
+        """The copies are gone: drop their queue entries."""
+        if keys:
+            conn.execute(f"DELETE FROM doomed_objects WHERE storage_key IN ({_marks(keys)})", keys)
+
+    def named_keys(self, conn: Conn) -> Iterator[str]:
+        """Every key a blob row, a deletion queue entry or an upload session names, ascending."""
+        yield from (
+            row[0]
+            for row in conn.execute(
+                "SELECT storage_key FROM blobs UNION SELECT storage_key FROM doomed_objects "
+                "UNION SELECT storage_key FROM uploads WHERE storage_key IS NOT NULL ORDER BY 1"
+            )
+        )
 
     def known_keys(self, conn: Conn, keys: Sequence[str]) -> set[str]:
-        """Which of ``keys`` a blob row, a deletion queue entry or an upload session names."""
+        """Which of ``keys`` a blob row, a deletion queue entry or an upload session names
+        (a scan of the blob rows: only for the few suspects a leak scan found)."""
         found: set[str] = set()
         for start in range(0, len(keys), 500):
             part = keys[start : start + 500]

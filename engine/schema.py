@@ -355,6 +355,49 @@ def _v10_quotas(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE events ADD COLUMN detail TEXT")
 
 
+def _v11_digest_ordered_blobs(db: sqlite_utils.Database) -> None:
+    """Blob rows and repository links stored in digest order (WITHOUT ROWID), so the GC's
+    digest-ordered sweep rewrites neighbouring pages instead of most of the file. Indexes in
+    random order cost a sweep most of its writes: the two ``touched_at`` ones (unused) and the
+    one on ``storage_key`` go (the leak scan walks keys in order instead of looking them up).
+    A swept blob's row now goes in the sweep's own transaction, so the deletion queue keeps
+    each copy's size; rows tombstoned by an older version move into the queue now."""
+    db.execute(
+        "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, queued_at) "
+        "SELECT storage_key, digest, ? FROM blobs WHERE state = 'deleting'",
+        (time.time(),),
+    )
+    db.execute("ALTER TABLE doomed_objects ADD COLUMN size INTEGER")
+    db.execute(
+        "UPDATE doomed_objects SET size = (SELECT b.size FROM blobs b WHERE b.storage_key = "
+        "doomed_objects.storage_key AND b.state = 'deleting')"
+    )
+    db.execute(
+        "CREATE TABLE blobs_v11 (digest TEXT PRIMARY KEY, storage_key TEXT NOT NULL, "
+        "size INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'live', checksum TEXT, "
+        "created_at REAL NOT NULL, touched_at REAL NOT NULL, manifest_refs INTEGER NOT NULL DEFAULT 0, "
+        "repo_links INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO blobs_v11 SELECT digest, storage_key, size, state, checksum, created_at, touched_at, "
+        "manifest_refs, repo_links FROM blobs WHERE state != 'deleting' ORDER BY digest"
+    )
+    db.execute("DROP TABLE blobs")
+    db.execute("ALTER TABLE blobs_v11 RENAME TO blobs")
+    db.execute("CREATE INDEX blobs_collectible ON blobs (manifest_refs, state, digest)")
+    # (digest, repository_id): "may repository R serve D" is still one key lookup.
+    db.execute(
+        "CREATE TABLE repository_blobs_v11 (repository_id INTEGER NOT NULL, digest TEXT NOT NULL, "
+        "linked_at REAL NOT NULL, PRIMARY KEY (digest, repository_id)) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO repository_blobs_v11 SELECT repository_id, digest, linked_at FROM repository_blobs "
+        "ORDER BY digest, repository_id"
+    )
+    db.execute("DROP TABLE repository_blobs")
+    db.execute("ALTER TABLE repository_blobs_v11 RENAME TO repository_blobs")
+
+
 MIGRATIONS: list[Migration] = [
     _v1_initial,
     _v2_portable_uploads,
@@ -366,6 +409,7 @@ MIGRATIONS: list[Migration] = [
     _v8_webhooks,
     _v9_collection_order,
     _v10_quotas,
+    _v11_digest_ordered_blobs,
 ]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 

@@ -186,7 +186,7 @@ class UploadSessions:
                     self.store.link_blob(conn, row.repository_id, blob.digest, now)
                 self.store.delete_upload(conn, row.id)
                 if redundant is not None:
-                    self.store.queue_object_deletion(conn, redundant, blob.digest, now)
+                    self.store.queue_object_deletion(conn, redundant, blob.digest, now, blob.size)
         except QuotaExceeded:
             # A concurrent push took the room first: our committed copy is named by no row.
             with self.store.write() as conn:

@@ -106,18 +106,20 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
             except ManifestUnknown:
                 pass  # deleted by someone else meanwhile
 
+    deleted_copies: list[str] = []  # forgotten by the next page's sweep transaction
     for page in collection.mark(cutoff):
         started = time.monotonic()
         registry.jobs.acquire(LEASE, LEASE_TTL)  # renew: a long sweep keeps its lease
-        swept = collection.sweep([blob.digest for blob in page], cutoff)
+        swept = collection.sweep([blob.digest for blob in page], cutoff, forget=deleted_copies)
         progress("sweep", len(page))
-        if swept:
-            purged = collection.purge()
-            report.blobs_deleted += purged.deleted
-            report.bytes_freed += purged.bytes
-            report.errors.extend(f"could not delete {key}" for key in purged.failed)
+        deleted = collection.delete_copies(swept)
+        deleted_copies = deleted.gone
+        report.blobs_deleted += deleted.deleted
+        report.bytes_freed += deleted.bytes
+        report.errors.extend(f"could not delete {key}" for key in deleted.failed)
         if pause_ratio:
             time.sleep((time.monotonic() - started) * pause_ratio)
+    collection.forget(deleted_copies)
 
     leaks = collection.leaks(cutoff)
     if leaks:
