@@ -4,10 +4,10 @@
 
     repositories (id, name UNIQUE, created_at)
         │
-        ├── repository_blobs (repository_id, digest, linked_at)      which blobs a repository may serve
+        ├── repository_blobs (digest, repository_id, linked_at)      which blobs a repository may serve
         │        └──► blobs (digest PK, storage_key, size, state, checksum,
         │                    created_at, touched_at, manifest_refs, repo_links)
-        │                    one row per digest: global dedup; state 'live' or 'deleting'
+        │                    one row per digest (in digest order): global dedup; 'live' or 'quarantined'
         ├── manifests (repository_id, digest, media_type, artifact_type, subject,
         │              annotations, size, created_at, last_pulled_at)
         │        ├──► manifest_content (digest PK, data, repo_count)  the exact bytes, shared
@@ -19,7 +19,7 @@
                      size, staged_state (the backend's token) and hash_state (the running digest)
                      change together, in the transaction that acknowledges a chunk
 
-    doomed_objects (storage_key PK, digest, queued_at)   physical copies waiting to be deleted
+    doomed_objects (storage_key PK, digest, size, queued_at)   physical copies waiting to be deleted
     leases (name PK, owner, expires_at)                   one runner of a job across processes/nodes
     job_runs (id, kind, dry_run, status, started_at, finished_at, summary)   GC/retention reports
     admin_settings (name PK, value, updated_at)          set through the admin API, e.g. retention policies
