@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cargohold.backends import Backend, BackendError, ObjectNotFound
+from cargohold.backends.base import ListsNames
 
 MiB = 1024 * 1024
 
@@ -113,6 +114,22 @@ def test_listing_pages_and_batch_delete(backend: Backend) -> None:
     assert failed == []
     assert list(backend.list("blobs/many/")) == []
     assert read_all(backend, "blobs/other/outside") == b"not in the prefix"
+
+
+def test_listing_is_in_key_order(backend: Backend) -> None:
+    """The GC's leak scan walks the listing beside the keys the rows name, both ascending:
+    a store that lists out of order would make every later key a suspect to re-check.
+    Keys shaped as the engine lays them out (``blobs/<xx>/<copy id>``)."""
+    keys = sorted(
+        f"blobs/{copy[:2]}/{copy}" for copy in (f"{n:02x}{n * 7919:030x}" for n in range(0, 256, 17))
+    )
+    keys = sorted([*keys, "blobs/ff/ff"])
+    for key in reversed(keys):
+        backend.put(key, [b"x"])
+    assert [info.key for info in backend.list("blobs/")] == keys
+    if isinstance(backend, ListsNames):
+        assert list(backend.list_names("blobs/")) == keys
+        assert list(backend.list_names("blobs/ff/")) == [key for key in keys if key.startswith("blobs/ff/")]
 
 
 def test_delete_is_idempotent(backend: Backend) -> None:
