@@ -147,7 +147,8 @@ class LocalSide:
                 pass
         if upload_id is None:
             upload_id = self.registry.start_upload(repository, digest.partition(":")[0]).id
-            transfer.save({"digest": digest, "repository": repository, "upload": upload_id})
+            if size > transfer.chunk_size:  # one request or more: only then is there a place to resume
+                transfer.save({"digest": digest, "repository": repository, "upload": upload_id})
         while size - offset > transfer.chunk_size:
             length = transfer.chunk_size
             chunks = transfer.metered(read(offset, offset + length))
@@ -240,7 +241,8 @@ class RemoteSide:
             with self._lock:
                 session = self._offered.pop((repository, digest), None)
             session = session or self.client.start_upload(repository)
-            transfer.save({"digest": digest, "repository": repository, "upload": session.location})
+            if size > transfer.chunk_size:  # a blob sent in one request has no place to resume from
+                transfer.save({"digest": digest, "repository": repository, "upload": session.location})
         while size - session.offset > transfer.chunk_size:
             length = transfer.chunk_size
             session = self.client.append(
