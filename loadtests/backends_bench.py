@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # also runnable as `python loadtests/backends_ben
 from loadtests import oci  # noqa: E402
 from loadtests.bench import format_table, wait_for_idle  # noqa: E402
 from loadtests.emulators import Store, start_store  # noqa: E402
-from loadtests.harness import MIB, Row, Target, log  # noqa: E402
+from loadtests.harness import MIB, Row, Target, load_at_start, log  # noqa: E402
 from loadtests.rss import PeakMemory, tree_memory  # noqa: E402
 from tests.support.servers import RegistryProcess  # noqa: E402
 
@@ -236,10 +236,7 @@ def memory_push(cfg: Config, res: Results, side: Side) -> None:
 
 def run(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
-    load_before = os.getloadavg()[0]
-    warning = f"the 1-minute load average was {load_before:.1f} at the start" if load_before > 0.5 else None
-    if warning:
-        log(f"WARNING: {warning}; results will be noisy")
+    load_before, warning = load_at_start()
     res = Results()
     with ExitStack() as stack:
         sides = start_sides(stack, cfg)
@@ -282,17 +279,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
         "runtime_s": round(elapsed, 1),
         "load_average_before": load_before,
-        "rows": [
-            {
-                "scenario": row.name,
-                "unit": row.unit,
-                "aggregate": row.aggregate,
-                "values": {label: row.value(label) for label in labels},
-                "samples": row.samples,
-                "notes": row.notes,
-            }
-            for row in rows
-        ],
+        "rows": [row.as_dict(labels) for row in rows],
         "facts": res.facts,
     }
 

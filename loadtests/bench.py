@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # also runnable as `python loadtests/bench.py`
     sys.path.insert(0, str(ROOT))
 
 from loadtests import loadgen, oci  # noqa: E402
-from loadtests.harness import MIB, Bench, Config, Row, Target, log  # noqa: E402
+from loadtests.harness import MIB, Bench, Config, Row, Target, load_at_start, log  # noqa: E402
 from loadtests.rss import PeakMemory, tree_memory  # noqa: E402
 from loadtests.scenarios import BIG_REPO, SCENARIOS  # noqa: E402
 from tests.support.servers import RegistryProcess  # noqa: E402
@@ -160,11 +160,7 @@ def wait_for_idle(limit_s: float, threshold: float = 0.5) -> None:
 
 def run_benchmark(config: Config) -> dict[str, object]:
     started = time.monotonic()
-    # Other work on a 2-core machine skews every number: say so rather than hide it.
-    load_before = os.getloadavg()[0]
-    warning = f"the 1-minute load average was {load_before:.1f} at the start" if load_before > 0.5 else None
-    if warning:
-        log(f"WARNING: {warning}; results will be noisy")
+    load_before, warning = load_at_start()
     with ExitStack() as stack:
         bench = Bench(config, start_targets(stack, config))
         for name in config.scenarios:
@@ -187,17 +183,7 @@ def run_benchmark(config: Config) -> dict[str, object]:
         "load_generator": {m: loadgen.generator_name(m) for m in ("GET", "HEAD")},
         "runtime_s": round(elapsed, 1),
         "load_average_before": load_before,
-        "rows": [
-            {
-                "scenario": row.name,
-                "unit": row.unit,
-                "aggregate": row.aggregate,
-                "values": {label: row.value(label) for label in labels},
-                "samples": row.samples,
-                "notes": row.notes,
-            }
-            for row in rows
-        ],
+        "rows": [row.as_dict(labels) for row in rows],
     }
 
 

@@ -42,7 +42,7 @@ import httpx  # noqa: E402
 
 from loadtests import oci  # noqa: E402
 from loadtests.bench import format_table, wait_for_idle  # noqa: E402
-from loadtests.harness import Row, log  # noqa: E402
+from loadtests.harness import Row, load_at_start, log  # noqa: E402
 from loadtests.rss import _tree_pids  # noqa: E402
 from tests.support.servers import RegistryProcess, cargohold_command  # noqa: E402
 
@@ -877,10 +877,7 @@ def build_config(args: argparse.Namespace, work_dir: Path) -> Config:
 
 def run(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
-    load_before = os.getloadavg()[0]
-    warning = f"the 1-minute load average was {load_before:.1f} at the start" if load_before > 0.5 else None
-    if warning:
-        log(f"WARNING: {warning}; results will be noisy")
+    load_before, warning = load_at_start()
     res = Results()
     entries = make_content(cfg)
     blobs = len(entries) * (cfg.layers + 1)
@@ -920,16 +917,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
         "runtime_s": round(elapsed, 1),
         "load_average_before": load_before,
-        "rows": [
-            {
-                "scenario": row.name,
-                "unit": row.unit,
-                "values": {label: row.value(label) for label in (CH, DIST)},
-                "samples": row.samples,
-                "notes": row.notes,
-            }
-            for row in rows
-        ],
+        "rows": [row.as_dict([CH, DIST]) for row in rows],
         "facts": res.facts,
     }
 

@@ -7,6 +7,7 @@ a noisy neighbour) land on both sides instead of on whichever happened to run se
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -82,6 +83,17 @@ class Row:
             return None
         return max(values) if self.aggregate == "max" else statistics.median(values)
 
+    def as_dict(self, labels: list[str]) -> dict[str, object]:
+        """The row as the benchmarks' ``--json`` output writes it."""
+        return {
+            "scenario": self.name,
+            "unit": self.unit,
+            "aggregate": self.aggregate,
+            "values": {label: self.value(label) for label in labels},
+            "samples": self.samples,
+            "notes": self.notes,
+        }
+
     def spread(self, label: str) -> float | None:
         """Half the min-max range relative to the median: a cheap noise gauge for the ratio."""
         values = self.samples.get(label) or []
@@ -93,6 +105,16 @@ class Row:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def load_at_start(threshold: float = 0.5) -> tuple[float, str | None]:
+    """The 1-minute load average, and a warning when it is high: on a 2-core machine other
+    work skews every number, so a run says so rather than hide it."""
+    load = os.getloadavg()[0]
+    warning = f"the 1-minute load average was {load:.1f} at the start" if load > threshold else None
+    if warning:
+        log(f"WARNING: {warning}; results will be noisy")
+    return load, warning
 
 
 class Bench:
