@@ -267,3 +267,76 @@ def test_no_section_no_limiter(tmp_path: Path) -> None:
         load_settings(data_dir=tmp_path, metrics=False, rate_limits={"push": {"per_identity": "1/s"}})
     )
     assert RateLimiter in chain(limited)
+
+
+class _CountingTable(TokenBucketTable):
+    calls = 0
+
+    def take(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return super().take(*args, **kwargs)
+
+
+def _asgi_get(app: object, path: str = "/v2/a/tags/list") -> tuple[int, dict[str, str]]:
+    async def call() -> tuple[int, dict[str, str]]:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as client:
+            response = await client.get(path)
+            return response.status_code, dict(response.headers)
+
+    return asyncio.run(call())
+
+
+async def _not_found(scope: object, receive: object, send: object) -> None:
+    await send({"type": "http.response.start", "status": 404, "headers": []})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+
+def test_a_worker_refuses_a_flood_from_memory(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path, rate_limits={"pull": {"per_address": "1/m"}}).rate_limits
+    assert settings is not None
+    table = _CountingTable(tmp_path / "buckets", 1024, horizon=RateLimiter.horizon(settings))
+    limiter = RateLimiter(_not_found, settings, table)
+    assert _asgi_get(limiter)[0] == 404
+    status, headers = _asgi_get(limiter)
+    assert status == 429 and 55 <= int(headers["retry-after"]) <= 60
+    assert table.calls == 2
+    for _ in range(20):  # the bucket is known to be empty for a minute: the table is not asked
+        status, headers = _asgi_get(limiter)
+        assert status == 429 and int(headers["retry-after"]) >= 1
+    assert table.calls == 2
+
+
+def test_a_stuck_worker_does_not_stop_the_others(tmp_path: Path) -> None:
+    """Another process holds the table's lock and never lets go: requests here are not held
+    up for longer than LOCK_PATIENCE (they go through uncounted)."""
+    import subprocess
+    import sys
+
+    settings = load_settings(data_dir=tmp_path, rate_limits={"pull": {"per_address": "1/m"}}).rate_limits
+    assert settings is not None
+    table = TokenBucketTable(tmp_path / "buckets", 1024, horizon=60)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(tmp_path / 'buckets')!r}, os.O_RDWR)\n"
+            f"fcntl.lockf(fd, fcntl.LOCK_EX, 1, {table.groups * 128})\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert table.take([("k", 1.0, 1)], block=False) is None  # the lock really is held
+        limiter = RateLimiter(_not_found, settings, table)
+        started = time.monotonic()
+        assert [_asgi_get(limiter)[0] for _ in range(3)] == [404, 404, 404]  # 1/m, yet not refused
+        assert time.monotonic() - started < 3 * 0.1 + 1.0
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert table.take([("k", 1.0, 1)], block=False) == [0.0]  # the kernel released the dead holder's lock
