@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cargohold.api.auth_policy import ACTIONS, ALL, Policies
 from cargohold.api.auth_tokens import InvalidToken, TokenAuthority
+from cargohold.api.body import read_limited
 from cargohold.api.distribution import _ROUTES
 from cargohold.api.errors import error_body
 from cargohold.config import AuthSettings
@@ -65,6 +67,7 @@ BASIC_CACHE_SIZE = 1024
 FAILED_CACHE_SECONDS = 10.0
 MAX_FORM_BYTES = 64 * 1024
 _KINDS = ("blobs/uploads", "blobs", "manifests", "tags", "referrers")
+_HOST = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +251,18 @@ def _valid_name(name: str) -> bool:
     return True
 
 
+def _origin(scope: Scope, headers: Headers) -> str:
+    """scheme://host[:port] as the client addressed us. A Host that is not a host name or
+    address (a quote, a comma, a path) would break out of the challenge's quoted realm and
+    add parameters of its own, so it is replaced by the address the connection came in on."""
+    host = headers.get("host", "")
+    if not _HOST.fullmatch(host):
+        server = scope.get("server") or ("localhost", None)
+        name = f"[{server[0]}]" if ":" in server[0] else server[0]
+        host = name if server[1] is None else f"{name}:{server[1]}"
+    return f"{scope.get('scheme', 'http')}://{host}"
+
+
 def _client_address(scope: Scope) -> str | None:
     client = scope.get("client")
     return client[0] if client else None
@@ -355,7 +370,7 @@ class AuthGate:
 
     def challenge(self, scope: Scope, headers: Headers, target: Target, error: str | None) -> Response:
         settings = self.access.settings
-        realm = settings.external_url or f"{scope.get('scheme', 'http')}://{headers.get('host', 'localhost')}"
+        realm = settings.external_url or _origin(scope, headers)
         parts = [f'realm="{realm.rstrip("/")}/auth/token"', f'service="{settings.service}"']
         if target.name is not None and target.action is not None and _valid_name(target.name):
             wanted = {"pull": "pull", "push": "pull,push", "delete": "delete"}[target.action]
@@ -416,9 +431,10 @@ class AuthGate:
             except Unauthenticated:
                 return self._login_failed(address, None)
         elif request.method == "POST":
-            body = await request.body()
-            if len(body) > MAX_FORM_BYTES:
-                return _plain_error(413, "UNSUPPORTED", "form too large")
+            # Bounded: anyone may POST here, and a form is a few hundred bytes.
+            body = await read_limited(request, MAX_FORM_BYTES)
+            if body is None:
+                return _error(request.scope, 413, "UNSUPPORTED", "form too large")
             form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
             scopes = [s for value in form.get("scope", []) for s in value.split(" ") if s]
             service = form.get("service", [""])[0] or None
