@@ -16,6 +16,7 @@ from cargohold.config import ReplicationRule
 from cargohold.engine.events import DELETE, PUSH, TAG, UNTAG, Event
 from cargohold.engine.metadata_events import NewJob
 from cargohold.engine.names import repository_glob, tag_matcher
+from cargohold.engine.pullthrough import namespace_of
 
 TAG_JOB = "tag"
 MANIFEST_JOB = "manifest"
@@ -31,6 +32,9 @@ def has_wildcard(pattern: str) -> bool:
 @dataclass
 class CompiledRule:
     rule: ReplicationRule
+    # Pull-through cache namespaces: their blobs arrive on a client's first pull, so a push
+    # rule never sends them (it would find manifests whose layers were never fetched).
+    cache_prefixes: tuple[str, ...] = ()
     _repositories: list[re.Pattern[str]] = field(init=False)
     _tags: list[Callable[[str], bool]] = field(init=False)
 
@@ -52,6 +56,8 @@ class CompiledRule:
         return f"replication:{self.rule.name}"
 
     def covers_repository(self, repository: str) -> bool:
+        if self.push and namespace_of(repository, self.cache_prefixes) is not None:
+            return False
         return any(glob.fullmatch(repository) for glob in self._repositories)
 
     def covers_tag(self, tag: str) -> bool:

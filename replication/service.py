@@ -216,7 +216,9 @@ class ReplicationService:
         self.settings = settings
         self.event_keep_seconds = event_keep_seconds
         self.targets = {target.name: target for target in settings.targets}
-        self.rules = {rule.name: CompiledRule(rule) for rule in settings.rules}
+        self.rules = {
+            rule.name: CompiledRule(rule, registry.limits.pull_through_prefixes) for rule in settings.rules
+        }
         self.queries = ReplicationQueries()
         self.owner = registry.jobs.owner
         self._transport = transport or (lambda _target: None)

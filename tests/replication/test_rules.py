@@ -41,6 +41,17 @@ def test_tag_events_become_tag_jobs_when_repository_and_tag_match() -> None:
     assert r.job_for(event(PULL, tag="v1")) is None
 
 
+def test_push_rules_leave_pull_through_cache_namespaces_alone() -> None:
+    cached = CompiledRule(ReplicationRule(name="r", target="t", repositories=["**"]), ("hub",))
+    assert cached.job_for(event(TAG, "hub/library/alpine", tag="v1")) is None
+    assert cached.job_for(event(TAG, "hubble/app", tag="v1")) is not None
+    assert cached.job_for(event(TAG, "team/app", tag="v1")) is not None
+    pulling = CompiledRule(
+        ReplicationRule(name="p", target="t", direction="pull", repositories=["**"]), ("hub",)
+    )
+    assert pulling.covers_repository("hub/library/alpine")
+
+
 def test_untagged_pushes_matter_only_as_referrers_and_deletes_only_when_propagated() -> None:
     plain = rule()
     assert plain.job_for(event(PUSH)) is None  # an index child or an untagged image
