@@ -49,6 +49,7 @@ def _error(status: int, message: str) -> JSONResponse:
 class GCDefaults:
     grace_seconds: float = 3600.0
     delete_orphan_referrers: bool = True
+    nice: int = 0
 
 
 class AdminAPI:
@@ -103,6 +104,7 @@ class AdminAPI:
                     grace_seconds=grace_seconds,
                     dry_run=bool(options.get("dry_run", False)),
                     delete_orphan_referrers=self.gc_defaults.delete_orphan_referrers,
+                    nice=self.gc_defaults.nice,
                 )
             )
         except JobAlreadyRunning:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -174,6 +175,8 @@ def gc(dry_run: bool, grace: str | None, history: bool, as_json: bool) -> None:
             click.echo(f"#{run.id} {when} {kind:<7} {run.status:<9} freed {freed}")
         return
     grace_seconds = parse_duration(grace) if grace is not None else settings.gc.grace_period
+    with contextlib.suppress(OSError):
+        os.nice(settings.gc.nice)  # this whole process is the GC: all of it yields to the server
     with click.progressbar(length=0, label="sweeping", file=sys.stderr) as bar:
 
         def progress(step: str, count: int) -> None:

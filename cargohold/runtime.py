@@ -88,7 +88,9 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
         chunk_min_length=settings.uploads.chunk_min_length,
         log_format=settings.log_format,
         admin_token=settings.admin.token,
-        gc_defaults=GCDefaults(settings.gc.grace_period, settings.gc.delete_orphan_referrers),
+        gc_defaults=GCDefaults(
+            settings.gc.grace_period, settings.gc.delete_orphan_referrers, settings.gc.nice
+        ),
         retention_policies=settings.retention.policies,
         on_startup=[start],
         on_shutdown=[stop] if cache is None else [stop, cache.close],
@@ -160,6 +162,7 @@ def _scheduler_hooks(
                     grace_seconds=gc.grace_period,
                     delete_orphan_referrers=gc.delete_orphan_referrers,
                     pause_ratio=gc.pause_ratio,
+                    nice=gc.nice,
                 ),
             )
         )

@@ -22,6 +22,7 @@ from typing import Any
 
 from cargohold.engine import Registry
 from cargohold.engine.errors import ManifestUnknown
+from cargohold.gc.priority import run_at_lower_priority
 
 log = logging.getLogger(__name__)
 LEASE = "gc"
@@ -67,8 +68,24 @@ def collect(
     delete_orphan_referrers: bool = True,
     progress: Progress | None = None,
     pause_ratio: float = 0.0,
+    nice: int = 0,
 ) -> GCReport:
-    """One GC run under the GC lease; raises ``JobAlreadyRunning`` if another one is going."""
+    """One GC run under the GC lease; raises ``JobAlreadyRunning`` if another one is going.
+    With ``nice`` it runs that many steps lower in CPU priority (``gc.priority``)."""
+    return run_at_lower_priority(
+        lambda: _collect(registry, grace_seconds, dry_run, delete_orphan_referrers, progress, pause_ratio),
+        nice,
+    )
+
+
+def _collect(
+    registry: Registry,
+    grace_seconds: float,
+    dry_run: bool,
+    delete_orphan_referrers: bool,
+    progress: Progress | None,
+    pause_ratio: float,
+) -> GCReport:
     report = GCReport(dry_run=dry_run, grace_seconds=grace_seconds)
     if not dry_run:
         registry.read_only.check()  # maintenance means no deletes either
