@@ -12,7 +12,7 @@ import dataclasses
 import hmac
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,7 +24,7 @@ from starlette.routing import Route
 from cargohold.config import RetentionPolicy, parse_duration
 from cargohold.engine import Registry
 from cargohold.engine.jobs import JobAlreadyRunning
-from cargohold.gc import collect
+from cargohold.gc import Pacing, collect
 from cargohold.gc.retention import (
     active_policies,
     forget_stored_policies,
@@ -50,6 +50,7 @@ class GCDefaults:
     grace_seconds: float = 3600.0
     delete_orphan_referrers: bool = True
     nice: int = 0
+    pacing: Pacing = field(default_factory=Pacing)
 
 
 class AdminAPI:
@@ -105,6 +106,7 @@ class AdminAPI:
                     dry_run=bool(options.get("dry_run", False)),
                     delete_orphan_referrers=self.gc_defaults.delete_orphan_referrers,
                     nice=self.gc_defaults.nice,
+                    pacing=self.gc_defaults.pacing,
                 )
             )
         except JobAlreadyRunning:

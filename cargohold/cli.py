@@ -160,7 +160,7 @@ def gc(dry_run: bool, grace: str | None, history: bool, as_json: bool) -> None:
 
     from cargohold.config import parse_duration
     from cargohold.engine.jobs import JobAlreadyRunning
-    from cargohold.gc import collect
+    from cargohold.gc import Pacing, collect
 
     settings = load_settings()
     registry = _open_registry()
@@ -190,7 +190,7 @@ def gc(dry_run: bool, grace: str | None, history: bool, as_json: bool) -> None:
                 dry_run=dry_run,
                 delete_orphan_referrers=settings.gc.delete_orphan_referrers,
                 progress=progress,
-                pause_ratio=settings.gc.pause_ratio,
+                pacing=Pacing(settings.gc.pause_ratio, settings.gc.busy_pause_ratio),
             )
         except JobAlreadyRunning:
             raise click.ClickException("another garbage collection is running") from None

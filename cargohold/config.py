@@ -147,6 +147,9 @@ class GCSettings(BaseModel):
     # After each sweep batch, pause this many times as long as the batch took, so pushes get
     # the write lock and CPU in between (0: sweep flat out). 1.0 halves the GC's duty cycle.
     pause_ratio: float = Field(0.0, ge=0.0, le=10.0)
+    # ...and this many times more when requests wrote to the registry during the batch: a
+    # sweep on a busy registry takes the lock and the disk a third of the time (2.0).
+    busy_pause_ratio: float = Field(2.0, ge=0.0, le=10.0)
     # The GC runs this many steps lower in CPU priority (Linux nice, 0-19): it uses idle
     # cycles, and requests come first when the CPUs are busy.
     nice: int = Field(10, ge=0, le=19)

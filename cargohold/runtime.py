@@ -73,6 +73,7 @@ def open_registry(settings: Settings) -> Registry:
 def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untyped-def]
     """The ASGI app for one worker process (the ASGI server calls this as a factory)."""
     from cargohold.api import GCDefaults, create_app
+    from cargohold.gc import Pacing
     from cargohold.logs import configure_logging
 
     settings = settings or load_settings()
@@ -89,7 +90,10 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
         log_format=settings.log_format,
         admin_token=settings.admin.token,
         gc_defaults=GCDefaults(
-            settings.gc.grace_period, settings.gc.delete_orphan_referrers, settings.gc.nice
+            settings.gc.grace_period,
+            settings.gc.delete_orphan_referrers,
+            settings.gc.nice,
+            Pacing(settings.gc.pause_ratio, settings.gc.busy_pause_ratio),
         ),
         retention_policies=settings.retention.policies,
         on_startup=[start],
@@ -146,7 +150,7 @@ def _scheduler_hooks(
     settings: Settings, registry: Registry
 ) -> tuple[Callable[[], object], Callable[[], object]]:
     """Start and stop the scheduler of this worker's periodic jobs (those with a schedule)."""
-    from cargohold.gc import collect
+    from cargohold.gc import Pacing, collect
     from cargohold.gc.retention import active_policies, run_retention
     from cargohold.gc.schedule import ScheduledJob, start_scheduler
 
@@ -161,7 +165,7 @@ def _scheduler_hooks(
                     registry,
                     grace_seconds=gc.grace_period,
                     delete_orphan_referrers=gc.delete_orphan_referrers,
-                    pause_ratio=gc.pause_ratio,
+                    pacing=Pacing(gc.pause_ratio, gc.busy_pause_ratio),
                     nice=gc.nice,
                 ),
             )

@@ -129,6 +129,11 @@ class MetadataStore:
     def read(self) -> Conn:
         return self._conn()
 
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (not this thread's own commits): a
+        cheap way for background work to notice that requests are writing."""
+        return int(self._conn().execute("PRAGMA data_version").fetchone()[0])
+
     def check(self) -> None:
         try:
             self._conn().execute("SELECT 1").fetchone()

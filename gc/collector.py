@@ -60,6 +60,20 @@ class GCReport:
 Progress = Callable[[str, int], None]
 
 
+@dataclass(frozen=True)
+class Pacing:
+    """How a run makes room for requests between sweep pages: it sleeps ``always`` times as
+    long as the page took, plus ``when_busy`` times as long if other connections committed
+    meanwhile (pushes are on), so then it holds the write lock and the disk a fraction of
+    the time, and runs flat out on an idle registry."""
+
+    always: float = 0.0
+    when_busy: float = 0.0
+
+    def pause(self, worked: float, others_wrote: bool) -> float:
+        return worked * (self.always + (self.when_busy if others_wrote else 0.0))
+
+
 def collect(
     registry: Registry,
     *,
@@ -67,13 +81,13 @@ def collect(
     dry_run: bool = False,
     delete_orphan_referrers: bool = True,
     progress: Progress | None = None,
-    pause_ratio: float = 0.0,
+    pacing: Pacing = Pacing(),
     nice: int = 0,
 ) -> GCReport:
     """One GC run under the GC lease; raises ``JobAlreadyRunning`` if another one is going.
     With ``nice`` it runs that many steps lower in CPU priority (``gc.priority``)."""
     return run_at_lower_priority(
-        lambda: _collect(registry, grace_seconds, dry_run, delete_orphan_referrers, progress, pause_ratio),
+        lambda: _collect(registry, grace_seconds, dry_run, delete_orphan_referrers, progress, pacing),
         nice,
     )
 
@@ -84,7 +98,7 @@ def _collect(
     dry_run: bool,
     delete_orphan_referrers: bool,
     progress: Progress | None,
-    pause_ratio: float,
+    pacing: Pacing,
 ) -> GCReport:
     report = GCReport(dry_run=dry_run, grace_seconds=grace_seconds)
     if not dry_run:
@@ -93,7 +107,7 @@ def _collect(
         run_id = registry.jobs.start_run("gc", dry_run)
         status = "failed"
         try:
-            _run(registry, report, delete_orphan_referrers, progress or (lambda _step, _n: None), pause_ratio)
+            _run(registry, report, delete_orphan_referrers, progress or (lambda _step, _n: None), pacing)
             status = "succeeded" if not report.errors else "partial"
         finally:
             report.finished_at = time.time()
@@ -101,7 +115,7 @@ def _collect(
     return report
 
 
-def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress, pause_ratio: float) -> None:
+def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress, pacing: Pacing) -> None:
     collection = registry.collection
     cutoff = time.time() - report.grace_seconds
     if report.dry_run:
@@ -126,6 +140,7 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
     deleted_copies: list[str] = []  # forgotten by the next page's sweep transaction
     for page in collection.mark(cutoff):
         started = time.monotonic()
+        version = registry.store.data_version()
         registry.jobs.acquire(LEASE, LEASE_TTL)  # renew: a long sweep keeps its lease
         swept = collection.sweep([blob.digest for blob in page], cutoff, forget=deleted_copies)
         progress("sweep", len(page))
@@ -134,8 +149,8 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
         report.blobs_deleted += deleted.deleted
         report.bytes_freed += deleted.bytes
         report.errors.extend(f"could not delete {key}" for key in deleted.failed)
-        if pause_ratio:
-            time.sleep((time.monotonic() - started) * pause_ratio)
+        others_wrote = registry.store.data_version() != version
+        time.sleep(pacing.pause(time.monotonic() - started, others_wrote))
     collection.forget(deleted_copies)
 
     leaks = collection.leaks(cutoff)

@@ -13,7 +13,7 @@ from cargohold.engine import Registry
 from cargohold.engine import errors as e
 from cargohold.engine.jobs import JobAlreadyRunning
 from cargohold.engine.layout import BLOB_PREFIX
-from cargohold.gc import collect
+from cargohold.gc import Pacing, collect
 from tests.engine.conftest import digest_of, image_manifest, make_registry, push_blob, push_image
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -220,20 +220,30 @@ def test_gc_runs_while_pushes_go_on(registry: Registry) -> None:
             assert b"".join(registry.open_blob(repository, digest_of(layer)).read()) == layer
 
 
-def test_pause_ratio_yields_between_sweep_batches(
+def test_pacing_yields_between_sweep_batches_and_more_while_others_write(
     registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import cargohold.gc.collector as collector
 
     pauses: list[float] = []
     monkeypatch.setattr(collector.time, "sleep", pauses.append)
-    for i in range(3):
-        push_blob(registry, "r", os.urandom(100 + i))
-    age_everything(registry)
-    collect(registry, grace_seconds=0, pause_ratio=0.0)
-    assert pauses == []
-    for i in range(3):
-        push_blob(registry, "r", os.urandom(200 + i))
-    age_everything(registry)
-    assert collect(registry, grace_seconds=0, pause_ratio=1.0).blobs_deleted == 3
-    assert len(pauses) == 1 and pauses[0] > 0
+
+    def one_page_of_garbage(size: int) -> None:
+        for i in range(3):
+            push_blob(registry, "r", os.urandom(size + i))
+        age_everything(registry)
+
+    one_page_of_garbage(100)
+    collect(registry, grace_seconds=0)
+    assert pauses == [0.0]  # no pacing: flat out
+    one_page_of_garbage(200)
+    assert collect(registry, grace_seconds=0, pacing=Pacing(always=1.0)).blobs_deleted == 3
+    assert len(pauses) == 2 and pauses[1] > 0
+    one_page_of_garbage(300)
+    collect(registry, grace_seconds=0, pacing=Pacing(when_busy=5.0))
+    assert pauses[2] == 0.0  # nobody else wrote during the page
+    versions = iter(range(100))
+    monkeypatch.setattr(registry.store, "data_version", lambda: next(versions))  # others commit
+    one_page_of_garbage(400)
+    collect(registry, grace_seconds=0, pacing=Pacing(when_busy=5.0))
+    assert pauses[3] > 0
