@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import re
 import threading
 import time
@@ -53,7 +54,8 @@ from cargohold.api.auth_policy import ACTIONS, ALL, Policies
 from cargohold.api.auth_tokens import InvalidToken, TokenAuthority
 from cargohold.api.body import read_limited
 from cargohold.api.distribution import _ROUTES
-from cargohold.api.errors import error_body
+from cargohold.api.errors import error_body, error_response
+from cargohold.api.login_throttle import LoginThrottle, TooManyLogins
 from cargohold.config import AuthSettings
 from cargohold.engine.audit import AuditLog
 from cargohold.engine.errors import NameInvalid
@@ -143,14 +145,21 @@ class AccessControl:
         self._basic_cache: dict[bytes, tuple[Identity, float]] = {}
         self._failed_cache: dict[bytes, float] = {}
         self._lock = threading.Lock()
+        self.throttle = (
+            LoginThrottle(key_dir / "logins.buckets", settings.failed_logins)
+            if settings.failed_logins
+            else None
+        )
 
     def prune_audit(self) -> int:
         return self.audit.prune(self.settings.audit_keep)
 
     # -- credentials ------------------------------------------------------------------------
-    def check_password(self, name: str, secret: str) -> Identity | None:
+    def check_password(self, name: str, secret: str, address: str | None = None) -> Identity | None:
         """Verify basic credentials. argon2 is slow on purpose, so outcomes are remembered
-        briefly per (name, secret) hash: clients send the same credentials on every request."""
+        briefly per (name, secret) hash: clients send the same credentials on every request.
+        Wrong passwords count against ``address`` (``LoginThrottle``): past the limit this
+        raises ``TooManyLogins`` before checking anything."""
         key = hashlib.sha256(f"{name}\0{secret}".encode()).digest()
         now = time.monotonic()
         with self._lock:
@@ -159,11 +168,15 @@ class AccessControl:
             identity = cached[0]
             if identity.expires_at is None or identity.expires_at > time.time():
                 return identity
+        if self.throttle is not None:
+            self.throttle.check(address)
         with self._lock:
             failed_until = self._failed_cache.get(key, 0.0)
         if failed_until > now:
             return None  # the same wrong pair again: do not pay (or let anyone make us pay) argon2
         identity = self.identities.verify(name, secret)
+        if identity is None and self.throttle is not None:
+            self.throttle.failed(address)
         with self._lock:
             cache = self._basic_cache if identity is not None else self._failed_cache
             if len(cache) >= BASIC_CACHE_SIZE:
@@ -291,7 +304,7 @@ class AuthGate:
             await self.app(scope, receive, send)
 
     # -- who is calling ---------------------------------------------------------------------
-    async def caller(self, headers: Headers) -> Caller:
+    async def caller(self, headers: Headers, address: str | None) -> Caller:
         header = headers.get("authorization")
         if not header:
             return Caller("none", None)
@@ -305,7 +318,7 @@ class AuthGate:
         if scheme.lower() == "basic" and self.access.settings.basic:
             credentials = _basic(header)
             assert credentials is not None
-            identity = await run_in_threadpool(self.access.check_password, *credentials)
+            identity = await run_in_threadpool(self.access.check_password, *credentials, address)
             if identity is None:
                 raise Unauthenticated()
             return Caller("basic", identity)
@@ -316,9 +329,12 @@ class AuthGate:
         headers = Headers(scope=scope)
         target = classify(scope["method"], scope["path"])
         try:
-            caller = await self.caller(headers)
+            caller = await self.caller(headers, _client_address(scope))
         except Unauthenticated as exc:
             await self.challenge(scope, headers, target, exc.error)(scope, receive, send)
+            return
+        except TooManyLogins as exc:
+            await _too_many_logins(exc)(scope, receive, send)
             return
         if caller.identity is not None:
             scope["cargohold.identity"] = caller.identity.name  # rate limits per identity
@@ -396,9 +412,12 @@ class AuthGate:
         header = headers.get("authorization", "")
         if header.lower().startswith("basic ") or header.count(".") == 2:
             try:
-                caller = await self.caller(headers)
+                caller = await self.caller(headers, _client_address(scope))
             except Unauthenticated:
                 caller = Caller("none", None)
+            except TooManyLogins as exc:
+                await _too_many_logins(exc)(scope, receive, send)
+                return
             if self.access.policies.is_admin(caller.identity):
                 scope["cargohold.admin"] = caller.actor
                 actor = caller.actor
@@ -461,7 +480,10 @@ class AuthGate:
             if identity is None:
                 return self._login_failed(address, claims["sub"])
         elif credentials is not None:
-            identity = await run_in_threadpool(self.access.check_password, *credentials)
+            try:
+                identity = await run_in_threadpool(self.access.check_password, *credentials, address)
+            except TooManyLogins as exc:
+                return _too_many_logins(exc)
             if identity is None:
                 await run_in_threadpool(
                     self.access.audit.record,
@@ -527,3 +549,10 @@ def _error(
 
 def _plain_error(status: int, code: str, message: str) -> Response:
     return Response(error_body(code, message), status_code=status, media_type="application/json")
+
+
+def _too_many_logins(exc: TooManyLogins) -> Response:
+    """429 with ``Retry-After``; the connection closes, as for any refused request with a body."""
+    return error_response(
+        exc, {"Retry-After": str(max(math.ceil(exc.retry_after), 1)), "Connection": "close"}
+    )

@@ -471,10 +471,18 @@ class AuthSettings(BaseModel):
     # into <data_dir>/auth/ on first start.
     secret: str | None = None
     basic: bool = True  # also accept HTTP basic credentials directly on /v2/
+    # Wrong passwords allowed per client address (the count is also the burst); past it the
+    # address gets 429 without any password being checked, until the rate refills. None: off.
+    failed_logins: str | None = "10/m"
     admins: list[str] = []  # identities with the admin role, besides users added with --admin
     audit_keep: Duration = 90 * 86400.0
     default: AccessDefault = AccessDefault()
     policies: list[AccessPolicy] = []
+
+    @field_validator("failed_logins")
+    @classmethod
+    def _login_rate(cls, value: str | None) -> str | None:
+        return None if value is None else _check_rate(value)
 
     @model_validator(mode="after")
     def _secret_for_hs256(self) -> AuthSettings:

@@ -71,18 +71,24 @@ class TokenBucketTable:
         self._lock = threading.Lock()
 
     def take(
-        self, buckets: Sequence[tuple[str, float, int]], now: float | None = None, *, block: bool = True
+        self,
+        buckets: Sequence[tuple[str, float, int]],
+        now: float | None = None,
+        *,
+        block: bool = True,
+        spend: bool = True,
     ) -> list[float] | None:
         """Spend one request from each ``(key, rate a second, burst)`` bucket, all or none.
 
         Returns the seconds each bucket wants the caller to wait: all 0.0 when the request
         may go (and then each bucket was spent), else nothing was spent. With ``block=False``
-        it returns None at once when another worker holds the table."""
+        it returns None at once when another worker holds the table. With ``spend=False`` it
+        only asks (for limits counting outcomes known later, such as failed logins)."""
         located = [(_locate(key, self.groups), rate, burst) for key, rate, burst in buckets]
         if not self._acquire(block):
             return None
         try:
-            return self._spend(located, time.monotonic() if now is None else now)
+            return self._spend(located, time.monotonic() if now is None else now, spend)
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._size)
             self._lock.release()
@@ -97,7 +103,9 @@ class TokenBucketTable:
             return False
         return True
 
-    def _spend(self, located: list[tuple[tuple[int, int], float, int]], at: float) -> list[float]:
+    def _spend(
+        self, located: list[tuple[tuple[int, int], float, int]], at: float, spend: bool
+    ) -> list[float]:
         """The GCRA step for each bucket, under the lock; writes only if all may go."""
         waits, updates = [], []
         for (fingerprint, offset), rate, burst in located:
@@ -109,7 +117,7 @@ class TokenBucketTable:
             interval = 1.0 / rate
             waits.append(max(tat - at - (burst - 1) * interval, 0.0))
             updates.append((fingerprint, offset, slot, values, tat + interval))
-        if any(waits):
+        if any(waits) or not spend:
             return waits
         written: list[int] = []
         for fingerprint, offset, slot, values, tat in updates:

@@ -23,6 +23,7 @@ CONFIG = """
 auth:
   service: cargohold-test
   token_ttl: 5m
+  failed_logins: 600/m  # the matrix sends many wrong passwords from 127.0.0.1 (see test_login_throttle)
   admins: []
   default:
     pull: []
@@ -123,3 +124,18 @@ def error_code(response: httpx.Response) -> str | None:
         return json.loads(response.content)["errors"][0]["code"]
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+def two_worker_server(data_dir: Path, config: str, users: dict[str, str]) -> RegistryProcess:
+    """A started server with ``config`` and these users, on two workers (limits shared by both)."""
+    (data_dir / "cargohold.yaml").write_text(config)
+    store = MetadataStore(data_dir / "metadata.db")
+    for name, password in users.items():
+        Identities(store).add_user(name, password)
+    store.close()
+    server = RegistryProcess(
+        data_dir=data_dir,
+        env={"CARGOHOLD_CONFIG": str(data_dir / "cargohold.yaml"), "CARGOHOLD_WORKERS": "2"},
+    )
+    server.start()
+    return server

@@ -18,11 +18,9 @@ import pytest
 
 from cargohold.api.ratelimit import RateLimiter, address_key
 from cargohold.config import load_settings
-from cargohold.engine import MetadataStore
-from cargohold.engine.identities import Identities
 from cargohold.runtime import create_asgi_app
 from cargohold.tokenbuckets import SLOTS_PER_GROUP, TokenBucketTable
-from tests.auth.conftest import basic, error_code, push_image
+from tests.auth.conftest import basic, error_code, push_image, two_worker_server
 from tests.support.oci_layout import build_image
 from tests.support.servers import RegistryProcess
 
@@ -47,17 +45,7 @@ PASSWORDS = {"alice": "alice-password", "bob": "bob-password-2"}
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    data_dir = tmp_path_factory.mktemp("rate-limited")
-    (data_dir / "cargohold.yaml").write_text(CONFIG)
-    store = MetadataStore(data_dir / "metadata.db")
-    for name, password in PASSWORDS.items():
-        Identities(store).add_user(name, password)
-    store.close()
-    server = RegistryProcess(
-        data_dir=data_dir,
-        env={"CARGOHOLD_CONFIG": str(data_dir / "cargohold.yaml"), "CARGOHOLD_WORKERS": "2"},
-    )
-    server.start()
+    server = two_worker_server(tmp_path_factory.mktemp("rate-limited"), CONFIG, PASSWORDS)
     try:
         # Seeded from an address of its own: four pushes of its burst of four.
         image = build_image((1000,))
