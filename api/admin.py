@@ -9,8 +9,6 @@ admin role (``api/auth.py`` marks those requests).
 from __future__ import annotations
 
 import dataclasses
-import hmac
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cargohold.api.admin_common import AdminRequestInvalid, admin_authorized, admin_error, json_object_body
 from cargohold.config import RetentionPolicy, parse_duration
 from cargohold.engine import Registry
 from cargohold.engine.jobs import JobAlreadyRunning
@@ -34,15 +33,6 @@ from cargohold.gc.retention import (
 )
 from cargohold.replication.status import replication_status
 from cargohold.replication.webhooks import webhook_status
-
-
-class AdminRequestInvalid(Exception):
-    """A malformed admin request (400)."""
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="cargohold-admin"'} if status == 401 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @dataclass(frozen=True)
@@ -80,24 +70,17 @@ class AdminAPI:
         ]
 
     def _authorized(self, request: Request) -> bool:
-        if request.scope.get("cargohold.admin"):  # an identity with the admin role (api/auth.py)
-            return True
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        return (
-            bool(self._token)  # no token configured: the break-glass is off, never an empty match
-            and scheme.lower() == "bearer"
-            and hmac.compare_digest(credentials.strip().encode(), self._token)
-        )
+        return admin_authorized(request, self._token)
 
     async def run_gc(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         try:
-            options = await _json_body(request)
+            options = await json_object_body(request)
             grace = options.get("grace")
             grace_seconds = parse_duration(grace) if grace is not None else self.gc_defaults.grace_seconds
         except (AdminRequestInvalid, ValueError) as exc:
-            return _error(400, str(exc))
+            return admin_error(400, str(exc))
         try:
             report = await run_in_threadpool(
                 lambda: collect(
@@ -110,15 +93,15 @@ class AdminAPI:
                 )
             )
         except JobAlreadyRunning:
-            return _error(409, "a garbage collection is already running")
+            return admin_error(409, "a garbage collection is already running")
         return JSONResponse(report.summary())
 
     async def gc_runs(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         limit = request.query_params.get("limit", "20")
         if not (limit.isascii() and limit.isdigit() and len(limit) < 7):
-            return _error(400, "limit must be a positive integer")
+            return admin_error(400, "limit must be a positive integer")
         runs = await run_in_threadpool(self.registry.jobs.runs, "gc", min(int(limit), 1000))
         return JSONResponse([dataclasses.asdict(run) for run in runs])
 
@@ -126,15 +109,15 @@ class AdminAPI:
         """GET: is the registry read-only? PUT {"enabled": true|false|null}: switch it for
         every process (null goes back to the config file's value)."""
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         switch = self.registry.read_only
         if request.method == "PUT":
             try:
-                enabled = (await _json_body(request)).get("enabled", "missing")
+                enabled = (await json_object_body(request)).get("enabled", "missing")
             except AdminRequestInvalid as exc:
-                return _error(400, str(exc))
+                return admin_error(400, str(exc))
             if enabled not in (True, False, None):
-                return _error(400, 'send {"enabled": true}, {"enabled": false} or {"enabled": null}')
+                return admin_error(400, 'send {"enabled": true}, {"enabled": false} or {"enabled": null}')
             await run_in_threadpool(switch.set, enabled)
         return JSONResponse(
             {"read_only": await run_in_threadpool(switch.enabled), "config_default": switch.default}
@@ -142,7 +125,7 @@ class AdminAPI:
 
     async def usage(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         usage = await run_in_threadpool(self.registry.usage)
         return JSONResponse(usage.as_dict())
 
@@ -150,12 +133,12 @@ class AdminAPI:
         """GET the policies in force; PUT {"policies": [...]} to override the config file's
         (stored in the metadata store); DELETE to go back to the config file's."""
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         if request.method == "PUT":
             try:
-                policies = parse_policies((await _json_body(request)).get("policies"))
+                policies = parse_policies((await json_object_body(request)).get("policies"))
             except (AdminRequestInvalid, ValidationError) as exc:
-                return _error(400, str(exc))
+                return admin_error(400, str(exc))
             await run_in_threadpool(store_policies, self.registry, policies)
         elif request.method == "DELETE":
             await run_in_threadpool(forget_stored_policies, self.registry)
@@ -165,30 +148,30 @@ class AdminAPI:
     async def retention_plan(self, request: Request) -> Response:
         """A dry run of the policies in force, or of {"policies": [...]} to try before storing them."""
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         try:
-            trial = (await _json_body(request)).get("policies")
+            trial = (await json_object_body(request)).get("policies")
             policies = parse_policies(trial) if trial is not None else None
         except (AdminRequestInvalid, ValidationError) as exc:
-            return _error(400, str(exc))
+            return admin_error(400, str(exc))
         return await self._run_retention(policies, dry_run=True)
 
     async def retention_apply(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         return await self._run_retention(None, dry_run=False)
 
     async def replication_status(self, request: Request) -> Response:
         """Per replication rule: lag, job counts, bytes sent and skipped, failures."""
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         rules = await run_in_threadpool(replication_status, self.registry)
         return JSONResponse({"rules": rules})
 
     async def webhooks_status(self, request: Request) -> Response:
         """Per webhook endpoint: events behind, lag, deliveries by outcome, the last error."""
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         endpoints = await run_in_threadpool(webhook_status, self.registry)
         return JSONResponse({"endpoints": endpoints})
 
@@ -202,17 +185,4 @@ class AdminAPI:
         try:
             return JSONResponse(await run_in_threadpool(run))
         except JobAlreadyRunning:
-            return _error(409, "a retention run is already going")
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if not body:
-        return {}
-    try:
-        value = json.loads(body)
-    except ValueError:
-        raise AdminRequestInvalid("the request body must be a JSON object") from None
-    if not isinstance(value, dict):
-        raise AdminRequestInvalid("the request body must be a JSON object")
-    return value
+            return admin_error(409, "a retention run is already going")

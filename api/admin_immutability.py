@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cargohold.api.admin import AdminRequestInvalid, _error, _json_body
+from cargohold.api.admin_common import AdminRequestInvalid, admin_error, json_object_body
 from cargohold.config import ImmutableTagRule as RuleSettings
 from cargohold.engine import Registry
 from cargohold.engine.immutability import ImmutableTagRule, Override
@@ -46,13 +46,13 @@ class ImmutabilityAdminAPI:
 
     async def rules(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         tags = self.registry.immutable_tags
         if request.method == "PUT":
             try:
-                parsed = _RULES.validate_python((await _json_body(request)).get("rules"))
+                parsed = _RULES.validate_python((await json_object_body(request)).get("rules"))
             except (AdminRequestInvalid, ValidationError) as exc:
-                return _error(400, str(exc))
+                return admin_error(400, str(exc))
             rules = [ImmutableTagRule(tuple(r.repositories), tuple(r.tags)) for r in parsed]
             await run_in_threadpool(tags.put, rules)
         elif request.method == "DELETE":
@@ -62,7 +62,7 @@ class ImmutabilityAdminAPI:
 
     async def override(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin token required")
+            return admin_error(401, "admin token required")
         actor = request.scope.get("cargohold.admin") or "admin-token"
         address = request.client.host if request.client else None
         await run_in_threadpool(

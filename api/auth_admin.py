@@ -15,8 +15,6 @@ log through the gate, like every other admin change.
 from __future__ import annotations
 
 import dataclasses
-import hmac
-import json
 import time
 from typing import Any
 
@@ -25,14 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cargohold.api.admin_common import AdminRequestInvalid, admin_authorized, admin_error, json_object_body
 from cargohold.api.auth import AccessControl
 from cargohold.config import parse_duration
 from cargohold.engine.identities import IdentityError
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="cargohold-admin"'} if status == 401 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class IdentityAdminAPI:
@@ -50,34 +44,27 @@ class IdentityAdminAPI:
         ]
 
     def _authorized(self, request: Request) -> bool:
-        if request.scope.get("cargohold.admin"):
-            return True
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        return (
-            bool(self._token)
-            and scheme.lower() == "bearer"
-            and hmac.compare_digest(credentials.strip().encode(), self._token)
-        )
+        return admin_authorized(request, self._token)
 
     async def users(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin role or admin token required")
+            return admin_error(401, "admin role or admin token required")
         identities = self.access.identities
         if request.method == "GET":
             listed = await run_in_threadpool(lambda: identities.list("user") + identities.list("robot"))
             return JSONResponse({"identities": [dataclasses.asdict(i) for i in listed]})
         body = await _json_object(request)
         if body is None:
-            return _error(400, "the request body must be a JSON object")
+            return admin_error(400, "the request body must be a JSON object")
         name, password = body.get("name"), body.get("password")
         if not isinstance(name, str) or not isinstance(password, str):
-            return _error(400, 'send {"name": ..., "password": ...}')
+            return admin_error(400, 'send {"name": ..., "password": ...}')
         try:
             await run_in_threadpool(
                 lambda: identities.add_user(name, password, admin=body.get("admin") is True)
             )
         except IdentityError as exc:
-            return _error(409 if "exists" in str(exc) else 400, str(exc))
+            return admin_error(409 if "exists" in str(exc) else 400, str(exc))
         return JSONResponse(
             {"name": name, "kind": "user", "admin": body.get("admin") is True}, status_code=201
         )
@@ -87,14 +74,14 @@ class IdentityAdminAPI:
 
     async def robots(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin role or admin token required")
+            return admin_error(401, "admin role or admin token required")
         identities = self.access.identities
         if request.method == "GET":
             listed = await run_in_threadpool(identities.list, "robot")
             return JSONResponse({"identities": [dataclasses.asdict(i) for i in listed]})
         body = await _json_object(request)
         if body is None or not isinstance(body.get("name"), str):
-            return _error(400, 'send {"name": ..., "description": ..., "expires": "90d"}')
+            return admin_error(400, 'send {"name": ..., "description": ..., "expires": "90d"}')
         try:
             expires = body.get("expires")
             lifetime = parse_duration(expires) if expires is not None else None
@@ -104,9 +91,9 @@ class IdentityAdminAPI:
                 )
             )
         except IdentityError as exc:
-            return _error(409 if "exists" in str(exc) else 400, str(exc))
+            return admin_error(409 if "exists" in str(exc) else 400, str(exc))
         except ValueError as exc:
-            return _error(400, str(exc))
+            return admin_error(400, str(exc))
         return JSONResponse(
             {"name": name, "secret": secret}, status_code=201, headers={"Cache-Control": "no-store"}
         )
@@ -116,21 +103,21 @@ class IdentityAdminAPI:
 
     async def _remove(self, request: Request, kind: str) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin role or admin token required")
+            return admin_error(401, "admin role or admin token required")
         name = request.path_params["name"]
         if not await run_in_threadpool(self.access.identities.remove, name, kind):
-            return _error(404, f"no {kind} named {name[:80]}")
+            return admin_error(404, f"no {kind} named {name[:80]}")
         return Response(status_code=204)
 
     async def audit(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _error(401, "admin role or admin token required")
+            return admin_error(401, "admin role or admin token required")
         params = request.query_params
         try:
             since = float(params.get("since", "0"))
             limit = min(int(params.get("limit", "1000")), 10_000)
         except ValueError:
-            return _error(400, "since and limit must be numbers")
+            return admin_error(400, "since and limit must be numbers")
         entries = await run_in_threadpool(
             lambda: self.access.audit.entries(
                 since=time.time() - since if since > 0 else 0.0, actor=params.get("user"), limit=max(limit, 1)
@@ -141,7 +128,6 @@ class IdentityAdminAPI:
 
 async def _json_object(request: Request) -> dict[str, Any] | None:
     try:
-        value = json.loads(await request.body() or b"{}")
-    except ValueError:
+        return await json_object_body(request)
+    except AdminRequestInvalid:
         return None
-    return value if isinstance(value, dict) else None

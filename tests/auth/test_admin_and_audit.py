@@ -31,6 +31,21 @@ def test_admin_api_takes_the_admin_role_or_the_break_glass_token(auth_registry: 
     assert response.status_code == 200
 
 
+def test_admin_bodies_are_bounded(auth_registry: AuthRegistry) -> None:
+    """Admin JSON bodies are read up to 1 MiB, never whole: a bigger one is refused with 400."""
+    root = basic("root", PASSWORD["root"])
+    huge = b'{"policies": [' + b" " * (2 * 1024 * 1024) + b"]}"
+    for method, path in (
+        ("POST", "/admin/gc"),
+        ("PUT", "/admin/retention/policies"),
+        ("POST", "/admin/users"),
+    ):
+        response = httpx.request(method, f"{auth_registry.url}{path}", content=huge, headers=root)
+        assert response.status_code == 400, (path, response.text)
+        assert "larger than" in response.json()["error"] or "JSON object" in response.json()["error"]
+    assert httpx.get(f"{auth_registry.url}/admin/usage", headers=root).status_code == 200
+
+
 def test_audit_log_records_who_did_what(auth_registry: AuthRegistry) -> None:
     image = build_image((700,))
     push_image(auth_registry.url, "team-a/audited", "v1", image, basic("writer", PASSWORD["writer"]))
