@@ -55,6 +55,7 @@ def create_app(
     registry: Registry,
     *,
     catalog_max_n: int = 1000,
+    catalog_scan_budget: int = 20_000,
     tags_max_n: int = 10000,
     referrers_page_size: int = 1000,
     chunk_min_length: int = 0,
@@ -74,6 +75,7 @@ def create_app(
     api = DistributionAPI(
         registry,
         catalog_max_n=catalog_max_n,
+        catalog_scan_budget=catalog_scan_budget,
         tags_max_n=tags_max_n,
         referrers_page_size=referrers_page_size,
         chunk_min_length=chunk_min_length,

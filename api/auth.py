@@ -53,6 +53,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cargohold.api.auth_policy import ACTIONS, ALL, Policies
 from cargohold.api.auth_tokens import InvalidToken, TokenAuthority
 from cargohold.api.body import read_limited
+from cargohold.api.cursors import CursorSeal
 from cargohold.api.distribution import _ROUTES
 from cargohold.api.errors import error_body, error_response
 from cargohold.api.login_throttle import LoginThrottle, TooManyLogins
@@ -145,6 +146,7 @@ class AccessControl:
         self._basic_cache: dict[bytes, tuple[Identity, float]] = {}
         self._failed_cache: dict[bytes, float] = {}
         self._lock = threading.Lock()
+        self.cursors = CursorSeal(key_dir)  # catalog pages that end on a hidden name
         self.throttle = (
             LoginThrottle(key_dir / "logins.buckets", settings.failed_logins)
             if settings.failed_logins
@@ -346,6 +348,7 @@ class AuthGate:
                 # By the identity's policy, not the token's scopes (a catalog token names no repository).
                 policies, identity = self.access.policies, caller.identity
                 scope["cargohold.may_pull"] = lambda name: "pull" in policies.allowed(identity, name)
+                scope["cargohold.cursor_seal"] = self.access.cursors
             await self.app(scope, receive, send)
             return
         assert target.name is not None and target.action is not None

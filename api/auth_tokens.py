@@ -53,18 +53,7 @@ def _load_or_create_key(path: Path, algorithm: str) -> Any:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key-")
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, pem)
-            os.fsync(fd)
-            os.close(fd)
-            # link() fails if another worker got there first: then everyone uses its key.
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
+        write_once(path, pem)
     return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
 
@@ -134,3 +123,21 @@ class TokenAuthority:
         if use == "access" and not isinstance(claims.get("access"), list):
             raise InvalidToken("no access claim")
         return claims
+
+
+def write_once(path: Path, data: bytes) -> bytes:
+    """Create the secret file ``path`` (0600) holding ``data`` unless it exists, and return what
+    it holds: when several workers start at once, the first to link its file wins for all."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key-")
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another worker got there first
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    return path.read_bytes()

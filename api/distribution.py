@@ -20,6 +20,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cargohold.api.body import BodyPump, read_limited
+from cargohold.api.cursors import SEALED
 from cargohold.api.ranges import parse_content_range, parse_length, parse_range
 from cargohold.engine import Registry
 from cargohold.engine.errors import (
@@ -78,6 +79,7 @@ class DistributionAPI:
         *,
         catalog_max_n: int,
         tags_max_n: int,
+        catalog_scan_budget: int = 20_000,
         referrers_page_size: int,
         chunk_min_length: int,
         cache: PullThrough | None = None,
@@ -85,6 +87,7 @@ class DistributionAPI:
         self.registry = registry
         self.cache = cache  # pull-through cache namespaces: reads go through it, pushes are refused
         self.catalog_max_n = catalog_max_n
+        self.catalog_scan_budget = catalog_scan_budget
         self.tags_max_n = tags_max_n
         self.referrers_page_size = referrers_page_size
         self.chunk_min_length = chunk_min_length
@@ -316,10 +319,19 @@ class DistributionAPI:
 
     async def catalog(self, request: Request) -> Response:
         (n, _), last = _page_size(request, self.catalog_max_n), _last(request)
-        visible = request.scope.get("cargohold.may_pull")  # set by api/auth.py when access control is on
-        page = await run_in_threadpool(self.registry.list_repositories, n, last, visible)
+        # Both set by api/auth.py when access control is on (see api/cursors.py).
+        visible, seal = request.scope.get("cargohold.may_pull"), request.scope.get("cargohold.cursor_seal")
+        if last is not None and last.startswith(SEALED):
+            if seal is None:
+                raise PaginationInvalid("last is not a cursor this registry gave")
+            last = seal.open(last)
+        page = await run_in_threadpool(
+            self.registry.list_repositories, n, last, visible, self.catalog_scan_budget
+        )
         headers = {}
-        if page.more and page.items:
+        if page.resume_after is not None and seal is not None:
+            headers["Link"] = _next_link("/v2/_catalog", {"n": n, "last": seal.seal(page.resume_after)})
+        elif page.more and page.items:
             headers["Link"] = _next_link("/v2/_catalog", {"n": n, "last": page.items[-1]})
         body = json.dumps({"repositories": page.items}, separators=(",", ":"))
         return Response(body, media_type=JSON, headers=headers)

@@ -134,6 +134,9 @@ class UploadSettings(BaseModel):
 class LimitSettings(BaseModel):
     manifest_max_bytes: int = Field(4 * 1024 * 1024, gt=0)
     catalog_max_n: int = Field(1000, gt=0)
+    # With access control: names one _catalog request may look at to fill a caller's page
+    # (a caller who may see little cannot make a request walk every hidden name).
+    catalog_scan_budget: int = Field(20_000, gt=0)
     tags_max_n: int = Field(10000, gt=0)
     referrers_page_size: int = Field(1000, gt=0)
 

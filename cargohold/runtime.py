@@ -84,6 +84,7 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
     return create_app(
         registry,
         catalog_max_n=settings.limits.catalog_max_n,
+        catalog_scan_budget=settings.limits.catalog_scan_budget,
         tags_max_n=settings.limits.tags_max_n,
         referrers_page_size=settings.limits.referrers_page_size,
         chunk_min_length=settings.uploads.chunk_min_length,

@@ -60,6 +60,7 @@ from cargohold.engine.usage import Usage, measure
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 10_000
+CATALOG_SCAN_BUDGET = 20_000  # names one filtered catalog request may look at
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,9 @@ class PutManifestResult:
 class Page:
     items: list[Any]
     more: bool
+    # Where the next page starts when this one was cut short before it was full (the last
+    # name looked at, which the caller may not be allowed to see: see api/cursors.py).
+    resume_after: str | None = None
 
 
 class Registry:
@@ -412,10 +416,15 @@ class Registry:
         return Page(tags[:limit], len(tags) > limit)
 
     def list_repositories(
-        self, n: int, last: str | None, visible: Callable[[str], bool] | None = None
+        self,
+        n: int,
+        last: str | None,
+        visible: Callable[[str], bool] | None = None,
+        scan_budget: int = CATALOG_SCAN_BUDGET,
     ) -> Page:
         """A page of repository names after ``last``; with ``visible``, only the names it
-        accepts (pages are filled from further batches, so hidden names never shorten one)."""
+        accepts. Hidden names are skipped from further batches, but at most ``scan_budget``
+        names are looked at per call: past that the page ends early with ``resume_after``."""
         limit = min(n, MAX_PAGE)
         if limit == 0:
             return Page([], False)
@@ -424,10 +433,15 @@ class Registry:
             return Page(names[:limit], len(names) > limit)
         shown: list[str] = []
         cursor = last or ""
+        scanned = 0
+        batch_size = max(limit + 1, min(100, scan_budget))
         while len(shown) <= limit:
-            batch = self.store.catalog(self.store.read(), cursor, max(limit + 1, 100))
+            if scanned >= max(scan_budget, limit + 1):
+                return Page(shown, True, resume_after=cursor)
+            batch = self.store.catalog(self.store.read(), cursor, batch_size)
+            scanned += len(batch)
             shown.extend(name for name in batch if visible(name))
-            if len(batch) < max(limit + 1, 100):
+            if len(batch) < batch_size:
                 break
             cursor = batch[-1]
         return Page(shown[:limit], len(shown) > limit)
