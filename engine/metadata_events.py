@@ -311,6 +311,20 @@ class ReplicationQueries:
         )
         return cur.rowcount == 1
 
+    def not_dead(self, conn: Conn, jobs: Iterable[NewJob]) -> list[NewJob]:
+        """The jobs that are not already in the dead letters for the same object and digest
+        (a difference that was refused stays refused until an operator retries it)."""
+        return [
+            job
+            for job in jobs
+            if conn.execute(
+                "SELECT 1 FROM replication_jobs WHERE state = 'dead' AND rule = ? AND repository = ? "
+                "AND kind = ? AND name = ? AND digest IS ? LIMIT 1",
+                (job.rule, job.repository, job.kind, job.name, job.digest),
+            ).fetchone()
+            is None
+        ]
+
     def retry_dead(self, conn: Conn, rule: str, now: float) -> int:
         cur = conn.execute(
             "UPDATE OR IGNORE replication_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "

@@ -177,6 +177,7 @@ class ReconcileReport:
     tags_compared: int = 0
     in_sync: int = 0
     jobs_enqueued: int = 0
+    already_dead: int = 0  # differences whose job was refused before: left to `replicate retry`
     differences: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # repositories that could not be compared
 
@@ -459,7 +460,9 @@ class ReplicationService:
                     report.errors.append(f"{repository}: {exc}")
             now = time.time()
             with self.registry.store.write() as conn:
-                report.jobs_enqueued = self.queries.enqueue(conn, jobs, now)
+                wanted = self.queries.not_dead(conn, jobs)
+                report.already_dead = len(jobs) - len(wanted)
+                report.jobs_enqueued = self.queries.enqueue(conn, wanted, now)
         return report
 
     def _source_repositories(self, rule: CompiledRule, source: Side) -> list[str]:

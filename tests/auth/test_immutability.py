@@ -272,6 +272,11 @@ def test_a_pull_rule_never_moves_a_local_immutable_tag(pair: Pair) -> None:
     assert "TagImmutable" in state["last_error"] and "tag v1 is immutable" in state["last_error"], state
     assert state["jobs"]["pending"] == state["jobs"]["running"] == 0
     assert tag_digest(pair.client, "pulled/app", "v1") == first.digest
+    # The rule reconciles every 2 s and still finds the difference: the refusal is not queued
+    # again (one dead letter, not one per run) until an operator retries it.
+    time.sleep(5)
+    state = status(pair.target.url)["from-source"]
+    assert state["jobs"]["dead"] == 1 and state["jobs"]["pending"] == state["jobs"]["running"] == 0, state
 
 
 def test_a_rule_added_after_a_retention_plan_still_holds_when_it_is_applied(tmp_path: Path) -> None:
