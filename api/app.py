@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 from cargohold.api.accesslog import AccessLineBuffer, AccessLog
 from cargohold.api.admin import AdminAPI, GCDefaults
 from cargohold.api.admin_immutability import ImmutabilityAdminAPI
+from cargohold.api.body import BodyTracker
 from cargohold.api.distribution import DistributionAPI
 from cargohold.api.errors import HANDLERS
 from cargohold.config import RetentionPolicy
@@ -138,6 +139,7 @@ def create_app(
 
         routes.extend(IdentityAdminAPI(access, admin_token).routes())
     app: ASGIApp = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
+    app = BodyTracker(app)  # errors answered mid-body read the rest first (api/body.py)
     # Each section adds its wrapper only when configured: an open registry without rate
     # limits has nothing in front of the routes but the access log.
     if rate_limits is not None:

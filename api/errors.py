@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from cargohold.api.body import drain
 from cargohold.engine import errors as e
 
 log = logging.getLogger("cargohold.api")
@@ -86,6 +87,7 @@ async def registry_error_handler(request: Request, exc: Exception) -> Response:
         # An out-of-order chunk: tell the client where the upload stands so it can resume.
         headers = {"Location": request.url.path, "Range": f"0-{max(exc.upload_offset - 1, 0)}"}
     if _came_with_a_body(request):
+        await drain(request)  # so that the client, done writing, reads this answer
         headers["Connection"] = "close"
     return error_response(exc, headers)
 

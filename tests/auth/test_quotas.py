@@ -215,6 +215,16 @@ def test_a_push_that_would_exceed_is_denied_and_leaves_nothing_stored(
     assert quota_registry.used("q-full") == 1 * MiB - 100
 
 
+def test_a_refusal_mid_body_reaches_a_client_still_sending(client: httpx.Client) -> None:
+    """The quota stops fitting after a few MiB of a 64 MiB chunked PATCH: the server reads and
+    drops the rest before answering, so the client, done writing, reads the 403 (answering at
+    once and closing gave skopeo a broken pipe instead of the message)."""
+    location = start_upload(client, "q-full/stream").headers["location"]
+    block = os.urandom(MiB)
+    response = client.patch(location, content=(block for _ in range(64)))
+    assert_quota_denied(response, "q-full")
+
+
 def test_a_layer_shared_inside_the_namespace_counts_once(
     quota_registry: QuotaRegistry, client: httpx.Client
 ) -> None:
@@ -320,11 +330,16 @@ def test_the_warning_event_comes_once_per_crossing(
     assert all(w["repository"] == "q-warn/app" for w in warnings)
 
 
-def test_skopeo_reports_the_quota(quota_registry: QuotaRegistry, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layers", [(700_000, 500_000), (700_000, 48 * MiB)], ids=["small", "48MiB"])
+def test_skopeo_reports_the_quota(
+    quota_registry: QuotaRegistry, tmp_path: Path, layers: tuple[int, int]
+) -> None:
+    """With a 48 MiB layer the refusal comes while skopeo still has most of it to write: the
+    server reads and drops the rest first, so skopeo reads the 403 (not a broken pipe)."""
     workdir = tmp_path / "skopeo"
     workdir.mkdir()
     skopeo = Skopeo(workdir)
-    layout = write_oci_layout(tmp_path / "layout", {"v1": build_image((700_000, 500_000))})
+    layout = write_oci_layout(tmp_path / "layout", {"v1": build_image(layers)})
     destination = f"docker://{quota_registry.server.host}/q-skopeo/app:v1"
     result = skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:v1", destination, check=False)
     assert result.returncode != 0
