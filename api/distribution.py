@@ -340,6 +340,8 @@ class DistributionAPI:
         name, digest = p["name"], p["digest"]
         artifact_type = request.query_params.get("artifactType") or None
         last = _last(request)
+        if self.cache is not None and self.cache.covers(name):
+            await run_in_threadpool(self.cache.refresh_referrers, name, digest)
         page = await run_in_threadpool(
             self.registry.referrers, name, digest, artifact_type, last, self.referrers_page_size
         )

@@ -41,3 +41,6 @@ class PullThrough(Protocol):
     def stat_blob(self, repository: str, digest: str) -> BlobInfo: ...
 
     def open_blob(self, repository: str, digest: str) -> BlobReader: ...
+
+    def refresh_referrers(self, repository: str, digest: str) -> None:
+        """Bring the upstream's referrers of ``digest`` here (at most once per TTL)."""

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 UPSTREAM_ERRORS = (httpx.HTTPError, RemoteError, AuthFailed)
 T = TypeVar("T")
 MAX_INDEX_DEPTH = 4  # indexes of indexes of ... stop somewhere
+MAX_REFERRERS = 1000  # referrers of one subject fetched per refresh
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,32 @@ class PullThroughCache:
             f" as {tag}" if tag else "",
             route.upstream.url,
         )
+
+    # -- referrers ----------------------------------------------------------------------------
+    def refresh_referrers(self, repository: str, digest: str) -> None:
+        """Bring the upstream's referrers of ``digest`` (signatures, SBOMs, attestations) here,
+        at most once per ``tag_ttl``: each is an ordinary manifest naming ``digest`` as its
+        subject, stored by digest. An upstream that is down or has no referrers API leaves
+        what is cached; the referrers answer itself always comes from this registry."""
+        if not is_digest(digest):
+            return  # the engine answers the bad request
+        route = self.route(repository)
+        key = (repository, f"referrers:{digest}")  # ":" is in no tag: no clash with tag checks
+        checked = self._validated.get(key)
+        if checked is not None and time.monotonic() - checked < route.upstream.tag_ttl:
+            return
+        try:
+            found = route.call(route.client.referrers, route.repository, digest) or []
+            for descriptor in found[:MAX_REFERRERS]:
+                referrer = descriptor.get("digest")
+                if not isinstance(referrer, str) or not is_digest(referrer):
+                    continue
+                with self._manifest_locks.hold((repository, referrer)):
+                    if self._local_digest(repository, referrer) is None:
+                        self._fetch(route, repository, referrer, None)
+        except (StorageUnavailable, ManifestUnknown, Denied) as exc:
+            log.warning("referrers of %s@%s not refreshed from the upstream: %s", repository, digest, exc)
+        self._validated[key] = time.monotonic()
 
     # -- blobs ------------------------------------------------------------------------------
     def stat_blob(self, repository: str, digest: str) -> BlobInfo:

@@ -23,7 +23,7 @@ from cargohold.engine import MetadataStore
 from cargohold.engine.identities import Identities
 from tests.api.oci import OCI_MANIFEST, push_blob, sha256
 from tests.replication.gate import AuthGate
-from tests.replication.support import ACCEPT, Image, push_image, push_index
+from tests.replication.support import ACCEPT, SIGNATURE_TYPE, Image, push_image, push_index, push_signature
 from tests.replication.upstream_proxy import RecordingProxy
 from tests.support.clients import Skopeo
 from tests.support.servers import RegistryProcess, cargohold_command, free_port
@@ -419,3 +419,51 @@ def test_in_read_only_mode_cached_content_is_served_and_nothing_new_is_stored(se
         setup.pull.put("/admin/read-only", json={"enabled": None}, headers=admin)
     assert pull_image(setup.pull, "dockerhub/library/frozen", "v2")[0] == later.digest
     assert digest == image.digest
+
+
+def test_referrers_of_a_cached_image_come_from_the_upstream_once_per_ttl(tmp_path: Path) -> None:
+    """Signatures and SBOMs pushed to an upstream that has the referrers API are listed by the
+    cache's referrers API (fetched into the cache), asked again only after the TTL, and still
+    listed when the upstream is down."""
+    with RegistryProcess(kind="cargohold", data_dir=tmp_path / "upstream") as upstream:
+        proxy = RecordingProxy(upstream.url)
+        config = tmp_path / "cache.yaml"
+        config.write_text(
+            yaml.safe_dump({"cache": {"upstreams": [{"prefix": "up", "url": proxy.url, "tag_ttl": "2s"}]}})
+        )
+        env = {"CARGOHOLD_WORKERS": "1", "CARGOHOLD_CONFIG": str(config)}
+        try:
+            with (
+                RegistryProcess(data_dir=tmp_path / "cache", env=env) as cache,
+                httpx.Client(base_url=upstream.url, timeout=60) as push,
+                httpx.Client(base_url=cache.url, timeout=60) as pull,
+            ):
+                image = push_image(push, "app", "v1", [os.urandom(2000)])
+                signature = push_signature(push, "app", image, b"signed, sealed")
+                url = f"/v2/up/app/referrers/{image.digest}"
+
+                assert pull.get("/v2/up/app/manifests/v1", headers=ACCEPT).status_code == 200
+                listed = pull.get(url)
+                assert listed.status_code == 200, listed.text
+                assert [m["digest"] for m in listed.json()["manifests"]] == [signature.digest]
+                assert listed.json()["manifests"][0]["artifactType"] == SIGNATURE_TYPE
+                fetched = pull.get(f"/v2/up/app/manifests/{signature.digest}", headers=ACCEPT)
+                assert fetched.status_code == 200 and fetched.content == signature.manifest
+
+                asked = [path for _, path in proxy.requests if "/referrers/" in path]
+                assert len(asked) == 1
+                assert pull.get(url).json()["manifests"][0]["digest"] == signature.digest
+                assert len([path for _, path in proxy.requests if "/referrers/" in path]) == 1  # within TTL
+
+                sbom = push_signature(push, "app", image, b"an sbom, say")  # a second referrer upstream
+                time.sleep(2.2)
+                digests = {m["digest"] for m in pull.get(url).json()["manifests"]}
+                assert digests == {signature.digest, sbom.digest}
+
+                proxy.down = True
+                time.sleep(2.2)
+                down = pull.get(url)
+                assert down.status_code == 200
+                assert {m["digest"] for m in down.json()["manifests"]} == digests
+        finally:
+            proxy.close()
