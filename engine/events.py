@@ -34,11 +34,10 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from cargohold.engine.metadata import Conn, MetadataStore, NewManifest
-from cargohold.engine.metadata_events import EventQueries, EventRow, NewEvent
+from cargohold.engine.metadata_events import Event, EventQueries, NewEvent
 
 PUSH = "push"
 TAG = "tag"
@@ -47,29 +46,6 @@ UNTAG = "untag"
 PULL = "pull"
 QUOTA_WARNING = "quota.warning"
 ACTIONS = (PUSH, TAG, DELETE, UNTAG, PULL, QUOTA_WARNING)
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    id: int
-    created_at: float
-    action: str
-    repository: str
-    digest: str | None
-    tag: str | None
-    media_type: str | None
-    artifact_type: str | None
-    subject: str | None
-    detail: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _event(row: EventRow) -> Event:
-    values = {field.name: getattr(row, field.name) for field in fields(EventRow)}
-    values["detail"] = json.loads(row.detail) if row.detail else None
-    return Event(**values)
 
 
 class EventLog:
@@ -146,7 +122,7 @@ class EventLog:
 
     # -- reading and consuming ---------------------------------------------------------------
     def after(self, last_id: int, limit: int = 500) -> list[Event]:
-        return [_event(row) for row in self.queries.after(self.store.read(), last_id, limit)]
+        return self.queries.after(self.store.read(), last_id, limit)
 
     def latest_id(self) -> int:
         return self.queries.latest_id(self.store.read())
@@ -172,7 +148,7 @@ class EventLog:
         transaction: either both happen or neither. Returns how many events were handled."""
         with self.store.write() as conn:
             last_id = self.queries.cursor(conn, consumer) or 0
-            events = [_event(row) for row in self.queries.after(conn, last_id, limit)]
+            events = self.queries.after(conn, last_id, limit)
             if not events:
                 return 0
             handle(conn, events)

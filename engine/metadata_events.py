@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from cargohold.engine.metadata import Conn
@@ -32,7 +32,9 @@ STAT_COUNTERS = (
 
 
 @dataclass(frozen=True, slots=True)
-class EventRow:
+class Event:
+    """One row of the outbox, as consumers (replication, webhooks) read it."""
+
     id: int
     created_at: float
     action: str
@@ -42,7 +44,10 @@ class EventRow:
     media_type: str | None
     artifact_type: str | None
     subject: str | None
-    detail: str | None  # JSON, for actions whose facts fit no column (quota.warning)
+    detail: dict[str, Any] | None = None  # for actions whose facts fit no column (quota.warning)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +144,11 @@ class EventQueries:
         return row[0] if row else None
 
     # -- reading -------------------------------------------------------------------------
-    def after(self, conn: Conn, last_id: int, limit: int) -> list[EventRow]:
+    def after(self, conn: Conn, last_id: int, limit: int) -> list[Event]:
         rows = conn.execute(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)
         )
-        return [EventRow(*row) for row in rows]
+        return [Event(*row[:-1], json.loads(row[-1]) if row[-1] else None) for row in rows]
 
     def latest_id(self, conn: Conn) -> int:
         # sqlite_sequence keeps the high-water mark even when every row was pruned.
