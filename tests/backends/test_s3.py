@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 from cargohold.backends import StagedBusy
 from cargohold.backends.s3 import S3Backend
 from tests.backends.conftest import NAMES
+from tests.backends.staging import stage_200_mib
 from tests.backends.stores.s3 import SeaweedServer, fresh_bucket
 
 pytestmark = pytest.mark.skipif("s3" not in NAMES, reason="CARGOHOLD_TEST_BACKENDS leaves out s3")
@@ -151,21 +151,8 @@ def test_a_second_writer_in_the_same_process_is_refused_at_once(make: Factory) -
 
 def test_staged_upload_of_200_mib_keeps_memory_flat_and_the_token_small(make: Factory) -> None:
     store = make(part_size=8 * MiB)
-    block = os.urandom(MiB)
-    token = store.create_staged("blobs/big/staged")
-    tracemalloc.start()
-    try:
-        for _request in range(4):  # four PATCHes of 50 MiB, fed in 1 MiB pieces
-            with store.open_staged("blobs/big/staged", token) as writer:
-                for _ in range(50):
-                    writer.write(block)
-                token = writer.flush()
-            assert len(token) < 512
-        with store.open_staged("blobs/big/staged", token) as writer:
-            writer.commit({})
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak, tokens, block = stage_200_mib(store, "blobs/big/staged")
+    assert all(len(token) < 512 for token in tokens)
     assert peak < 24 * MiB, f"peak {peak / MiB:.1f} MiB for a 200 MiB upload"
     hasher = hashlib.sha256()
     for chunk in store.read("blobs/big/staged"):
