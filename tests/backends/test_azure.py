@@ -25,6 +25,7 @@ from cargohold.backends.azure import AzureBackend
 from tests.backends.conftest import NAMES
 from tests.backends.staging import stage_200_mib
 from tests.backends.stores.azure import ACCOUNT_KEY, AzuriteServer, backend_settings, connection_string
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.skipif("azure" not in NAMES, reason="CARGOHOLD_TEST_BACKENDS leaves out azure")
 
@@ -372,15 +373,9 @@ def test_block_ids_chain_the_upload_in_order(make: Factory, raw: ContainerClient
 
 
 # -- failures and configuration ------------------------------------------------------------------------
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_an_unreachable_endpoint_fails_within_seconds_with_default_settings() -> None:
     """The SDK's own retry waits over a minute against a closed port; ours must not."""
-    store = AzureBackend(**backend_settings(connection_string(f"127.0.0.1:{_closed_port()}"), "gone"))
+    store = AzureBackend(**backend_settings(connection_string(f"127.0.0.1:{free_port()}"), "gone"))
     for call in (store.check, lambda: store.put("blobs/x/y", [b"x"]), lambda: store.read("blobs/x/y")):
         started = time.monotonic()
         with pytest.raises(BackendError) as caught:

@@ -19,7 +19,8 @@ import pytest
 from cargohold.backends import BackendError, ObjectNotFound
 from tests.backends.conftest import NAMES
 from tests.backends.staging import stage_200_mib
-from tests.backends.stores.gcs import FakeGCSServer, free_port, make_backend
+from tests.backends.stores.gcs import FakeGCSServer, make_backend
+from tests.support.servers import free_port
 
 if "gcs" not in NAMES:
     pytest.skip("GCS is not among CARGOHOLD_TEST_BACKENDS", allow_module_level=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,7 @@ from azure.storage.blob import BlobServiceClient
 from cargohold.backends import Backend
 from cargohold.backends.azure import AzureBackend
 from cargohold.config import AzureStorage
+from tests.support.servers import free_port
 
 ACCOUNT = "devstoreaccount1"
 # Azurite's well-known development key (public, documented by Microsoft).
@@ -101,13 +101,6 @@ def _azurite() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _wait_ready(
     proc: subprocess.Popen[bytes], server: AzuriteServer, log: Path, timeout: float = 30.0
 ) -> None:
@@ -143,7 +136,7 @@ def azure_server() -> Iterator[AzuriteServer]:
     azurite = _azurite()
     directory = Path(tempfile.mkdtemp(prefix="cargohold-azurite-"))
     (directory / "data").mkdir()
-    server = AzuriteServer(_free_port(), directory)
+    server = AzuriteServer(free_port(), directory)
     log = directory / "azurite.log"
     command = [
         azurite,
@@ -181,7 +174,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 
 def unreachable_backend(request: pytest.FixtureRequest) -> Backend:
     """A port where nothing listens, with the default retry settings: they must fail fast."""
-    return AzureBackend(**backend_settings(connection_string(f"127.0.0.1:{_free_port()}"), "gone"))
+    return AzureBackend(**backend_settings(connection_string(f"127.0.0.1:{free_port()}"), "gone"))
 
 
 def server_endpoint(request: pytest.FixtureRequest) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from tests.support.servers import free_port
 
 if TYPE_CHECKING:
     from cargohold.backends import Backend
@@ -60,14 +61,6 @@ def _binary() -> Path:
     if not path.is_file():
         pytest.fail(f"{INSTALL_HINT} ({path} does not exist)", pytrace=False)
     return path
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (SO_REUSEADDR: a TIME_WAIT is not "in use")."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -31,6 +31,7 @@ from botocore.config import Config
 from cargohold.backends import Backend
 from cargohold.backends.s3 import S3Backend
 from cargohold.config import S3Storage
+from tests.support.servers import free_port
 
 ACCESS_KEY = "cargohold"
 SECRET_KEY = "cargohold-secret"
@@ -255,11 +256,8 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 
 def unreachable_backend(request: pytest.FixtureRequest) -> Backend:
     """A port where nothing listens; few attempts, so the suite does not wait out the backoff."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     settings = backend_settings(
-        f"http://127.0.0.1:{port}", "gone", max_attempts=2, connect_timeout=1.0, read_timeout=2.0
+        f"http://127.0.0.1:{free_port()}", "gone", max_attempts=2, connect_timeout=1.0, read_timeout=2.0
     )
     return S3Backend(**settings)
 
