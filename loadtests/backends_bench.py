@@ -15,11 +15,9 @@ chunked push to S3 with the server tree's peak RSS and PSS. Run from the reposit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ if str(ROOT) not in sys.path:  # also runnable as `python loadtests/backends_ben
 from loadtests import oci  # noqa: E402
 from loadtests.bench import format_table, wait_for_idle  # noqa: E402
 from loadtests.emulators import Store, start_store  # noqa: E402
-from loadtests.harness import MIB, Row, Target, load_at_start, log  # noqa: E402
+from loadtests.harness import MIB, Row, Target, load_at_start, log, work_directory, write_result  # noqa: E402
 from loadtests.rss import PeakMemory, tree_memory  # noqa: E402
 from tests.support.servers import RegistryProcess  # noqa: E402
 
@@ -327,16 +325,11 @@ def build_config(args: argparse.Namespace, work_dir: Path) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work_dir = Path(tempfile.mkdtemp(prefix="cargohold-backends-bench-"))
-    try:
+    with work_directory("cargohold-backends-bench-") as work_dir:
         cfg = build_config(args, work_dir)
         wait_for_idle(args.wait_idle)
         result = run(cfg)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0
 
 

@@ -13,11 +13,8 @@ repetition measures them back to back in alternating order; the table reports me
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,7 +24,17 @@ if str(ROOT) not in sys.path:  # also runnable as `python loadtests/bench.py`
     sys.path.insert(0, str(ROOT))
 
 from loadtests import loadgen, oci  # noqa: E402
-from loadtests.harness import MIB, Bench, Config, Row, Target, load_at_start, log  # noqa: E402
+from loadtests.harness import (  # noqa: E402
+    MIB,
+    Bench,
+    Config,
+    Row,
+    Target,
+    load_at_start,
+    log,
+    work_directory,
+    write_result,
+)
 from loadtests.rss import PeakMemory, tree_memory  # noqa: E402
 from loadtests.scenarios import BIG_REPO, SCENARIOS  # noqa: E402
 from tests.support.servers import RegistryProcess  # noqa: E402
@@ -240,8 +247,7 @@ def memory_check(config: Config, blob_size: int, limit_mib: float) -> tuple[dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work_dir = Path(tempfile.mkdtemp(prefix="cargohold-bench-"))
-    try:
+    with work_directory("cargohold-bench-") as work_dir:
         config = build_config(args, work_dir)
         wait_for_idle(args.wait_idle)
         if args.memory_check:
@@ -250,11 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             result, ok = memory_check(config, args.memory_blob_mib * MIB, args.rss_limit_mib)
         else:
             result, ok = run_benchmark(config), True
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        log(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0 if ok else 1
 
 

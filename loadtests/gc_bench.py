@@ -25,7 +25,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,7 +41,7 @@ import httpx  # noqa: E402
 
 from loadtests import oci  # noqa: E402
 from loadtests.bench import format_table, wait_for_idle  # noqa: E402
-from loadtests.harness import Row, load_at_start, log  # noqa: E402
+from loadtests.harness import Row, load_at_start, log, work_directory, write_result  # noqa: E402
 from loadtests.rss import _tree_pids  # noqa: E402
 from tests.support.servers import RegistryProcess, cargohold_command  # noqa: E402
 
@@ -924,16 +923,11 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work_dir = Path(tempfile.mkdtemp(prefix="cargohold-gcbench-"))
-    try:
+    with work_directory("cargohold-gcbench-") as work_dir:
         cfg = build_config(args, work_dir)
         wait_for_idle(args.wait_idle)
         result = run(cfg)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0
 
 

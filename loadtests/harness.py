@@ -7,11 +7,15 @@ a noisy neighbour) land on both sides instead of on whichever happened to run se
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -152,3 +156,20 @@ class Bench:
             self.note(name, unit, target, f"error: {type(exc).__name__}: {exc}"[:300])
             return None
         return result, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def work_directory(prefix: str) -> Iterator[Path]:
+    """A scratch directory for one benchmark run, removed afterwards whatever happens."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_result(path: Path | None, result: object) -> None:
+    """The ``--json`` output, if asked for."""
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        log(f"wrote {path}")

@@ -32,11 +32,9 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from loadtests import oci  # noqa: E402
 from loadtests.bench import format_table, wait_for_idle  # noqa: E402
 from loadtests.gc_bench import Results, cargohold_registry, tree_cpu  # noqa: E402
-from loadtests.harness import MIB, load_at_start, log  # noqa: E402
+from loadtests.harness import MIB, load_at_start, log, work_directory, write_result  # noqa: E402
 from loadtests.rss import PeakMemory  # noqa: E402
 from tests.replication.support import ADMIN_TOKEN, CountingProxy  # noqa: E402
 from tests.support.servers import RegistryProcess, cargohold_command  # noqa: E402
@@ -498,24 +496,13 @@ def build_config(args: argparse.Namespace, work_dir: Path) -> Config:
     )
 
 
-@contextmanager
-def work_directory() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cargohold-replbench-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with work_directory() as work_dir:
+    with work_directory("cargohold-replbench-") as work_dir:
         cfg = build_config(args, work_dir)
         wait_for_idle(args.wait_idle)
         result = run(cfg)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
+    write_result(args.json, result)
     failed = any(
         "error" in text for row in result["rows"] for texts in row["notes"].values() for text in texts
     )
