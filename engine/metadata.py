@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlite_utils
-
 from cargohold.engine.errors import StorageUnavailable
 from cargohold.engine.metadata_quotas import QuotaQueries
 from cargohold.engine.schema import migrate
@@ -85,7 +83,7 @@ class MetadataStore:
         self._local = threading.local()
         # Quota namespaces' usage follows every link and manifest row change (metadata_quotas).
         self.quota_counts = QuotaQueries()
-        self.schema_version = migrate(sqlite_utils.Database(self._conn()))
+        self.schema_version = migrate(self._conn())
 
     # -- connections and transactions --------------------------------------------------
     def _conn(self) -> Conn:

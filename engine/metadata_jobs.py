@@ -57,30 +57,32 @@ class JobQueries:
         """A page cache big enough for a sweep's pages (the default 2 MiB re-reads them)."""
         conn.execute("PRAGMA cache_size = -32768")
 
-    def tombstone(
-        self, conn: Conn, digests: Sequence[str], cutoff: float, now: float
+    def tombstone_next(
+        self, conn: Conn, after: str, cutoff: float, limit: int, now: float
     ) -> list[CollectibleBlob]:
-        """Re-check and tombstone, in the caller's write transaction: only blobs that are
-        still unreferenced and idle go; their rows and links go now (so the digest answers
-        404 at once) and their copies are queued, with their sizes, for physical deletion."""
-        if not digests:
-            return []
+        """Find and tombstone, in the caller's write transaction, the next ``limit`` blobs after
+        ``after`` (digest order) that are unreferenced and idle since ``cutoff``. Choosing them
+        inside the write transaction is the re-check: a manifest PUT that committed first
+        references its blobs, one that commits later finds them gone. Their rows and links go
+        now (the digest answers 404 at once) and their copies are queued, with their sizes,
+        for physical deletion."""
         rows = conn.execute(
-            f"DELETE FROM blobs WHERE digest IN ({_marks(digests)}) "
-            "AND state = 'live' AND manifest_refs = 0 AND touched_at < ? RETURNING digest, storage_key, size",
-            (*digests, cutoff),
+            "DELETE FROM blobs WHERE digest IN (SELECT digest FROM blobs WHERE manifest_refs = 0 "
+            "AND state = 'live' AND digest > ? AND touched_at < ? ORDER BY digest LIMIT ?) "
+            "RETURNING digest, storage_key, size",
+            (after, cutoff, limit),
         ).fetchall()
+        if not rows:
+            return []
         doomed = sorted((CollectibleBlob(*row) for row in rows), key=lambda blob: blob.digest)
-        if doomed:
-            gone = [blob.digest for blob in doomed]
-            links = self.store.quota_counts.repository_links(conn, gone)
-            conn.execute(f"DELETE FROM repository_blobs WHERE digest IN ({_marks(gone)})", gone)
-            self.store.quota_counts.unlinked(conn, links)
-            conn.executemany(
-                "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, size, queued_at) "
-                "VALUES (?, ?, ?, ?)",
-                ((blob.storage_key, blob.digest, blob.size, now) for blob in doomed),
-            )
+        gone = json.dumps([blob.digest for blob in doomed])
+        links = self.store.quota_counts.repository_links(conn, gone)
+        conn.execute("DELETE FROM repository_blobs WHERE digest IN (SELECT value FROM json_each(?))", (gone,))
+        self.store.quota_counts.unlinked(conn, links)
+        conn.executemany(
+            "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, size, queued_at) VALUES (?, ?, ?, ?)",
+            ((blob.storage_key, blob.digest, blob.size, now) for blob in doomed),
+        )
         return doomed
 
     def doomed(self, conn: Conn, limit: int) -> list[CollectibleBlob]:

@@ -104,15 +104,15 @@ class QuotaQueries:
             (row[1], row[1], quota_id),
         )
 
-    def repository_links(self, conn: Conn, digests: list[str]) -> list[tuple[int, str]]:
-        """(repository id, digest) of the repository_blobs rows naming ``digests``, if any
-        namespace is counted (the GC's tombstones drop such rows in bulk)."""
-        if not digests or not self.any_counted(conn):
+    def repository_links(self, conn: Conn, digests: str) -> list[tuple[int, str]]:
+        """(repository id, digest) of the repository_blobs rows naming ``digests`` (a JSON
+        list), if any namespace is counted (the GC's tombstones drop such rows in bulk)."""
+        if not self.any_counted(conn):
             return []
         rows = conn.execute(
             "SELECT repository_id, digest FROM repository_blobs "
             "WHERE digest IN (SELECT value FROM json_each(?))",
-            (json.dumps(digests),),
+            (digests,),
         )
         return [(row[0], row[1]) for row in rows]
 

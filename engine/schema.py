@@ -50,12 +50,15 @@ start together apply each one exactly once.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import sqlite_utils
+if TYPE_CHECKING:
+    import sqlite_utils
 
-Migration = Callable[[sqlite_utils.Database], None]
+Migration = Callable[["sqlite_utils.Database"], None]
 
 
 def _v1_initial(db: sqlite_utils.Database) -> None:
@@ -414,18 +417,22 @@ MIGRATIONS: list[Migration] = [
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 
 
-def migrate(db: sqlite_utils.Database) -> int:
-    """Bring the schema to the newest version; returns the version. Safe to race."""
-    conn = db.conn
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version; returns the version. Safe to race.
+    (sqlite-utils is imported only when a migration is due: every CLI command opens the store.)"""
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)"
         )
         current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
-        for version in range(current + 1, len(MIGRATIONS) + 1):
-            MIGRATIONS[version - 1](db)
-            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+        if current < len(MIGRATIONS):
+            import sqlite_utils
+
+            db = sqlite_utils.Database(conn)
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                MIGRATIONS[version - 1](db)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

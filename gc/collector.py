@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cargohold.engine import Registry
+from cargohold.engine.collection import PurgeResult
 from cargohold.engine.errors import ManifestUnknown
 from cargohold.gc.priority import run_at_lower_priority
 
@@ -137,18 +138,28 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
             except ManifestUnknown:
                 pass  # deleted by someone else meanwhile
 
-    deleted_copies: list[str] = []  # forgotten by the next page's sweep transaction
-    for page in collection.mark(cutoff):
+    # Page N's copies are deleted in the background while page N+1 is swept (the database
+    # and the unlinks or requests overlap); page N+2's transaction forgets them.
+    deleting: Callable[[], PurgeResult] | None = None
+    deleted_copies: list[str] = []
+    after = ""
+    while True:
         started = time.monotonic()
         version = registry.store.data_version()
         registry.jobs.acquire(LEASE, LEASE_TTL)  # renew: a long sweep keeps its lease
-        swept = collection.sweep([blob.digest for blob in page], cutoff, forget=deleted_copies)
-        progress("sweep", len(page))
-        deleted = collection.delete_copies(swept)
-        deleted_copies = deleted.gone
-        report.blobs_deleted += deleted.deleted
-        report.bytes_freed += deleted.bytes
-        report.errors.extend(f"could not delete {key}" for key in deleted.failed)
+        swept = collection.sweep(cutoff, after, forget=deleted_copies)
+        deleted_copies = []
+        if deleting is not None:
+            deleted = deleting()
+            deleted_copies = deleted.gone
+            report.blobs_deleted += deleted.deleted
+            report.bytes_freed += deleted.bytes
+            report.errors.extend(f"could not delete {key}" for key in deleted.failed)
+        if not swept:
+            break
+        after = swept[-1].digest
+        progress("sweep", len(swept))
+        deleting = collection.start_deleting(swept)
         others_wrote = registry.store.data_version() != version
         time.sleep(pacing.pause(time.monotonic() - started, others_wrote))
     collection.forget(deleted_copies)

@@ -3,11 +3,11 @@
 Both registries get the same N small images (a config and 4 layers each, 64-512 bytes per
 blob, so the run is about metadata, not bytes), then lose every other manifest (deleted by
 digest: the manifest and its tags go, as Distribution's DELETE does), which leaves half the
-blobs unreferenced. Timed: ``cargohold gc --grace 0`` against
-``docker-registry garbage-collect CONFIG`` (offline, the registry stopped), each on a fresh
-hard-linked copy of the filled store, in alternating order. Then small-image pushes/s
-against a cargohold holding that backlog, with and without ``cargohold gc`` looping beside
-it. Run from the repository root:
+blobs unreferenced (``--delete-every 10``: one in ten, a GC that runs often). Timed:
+``cargohold gc --grace 0`` against ``docker-registry garbage-collect CONFIG`` (offline, the
+registry stopped), each on a fresh hard-linked copy of the filled store, in alternating
+order. Then small-image pushes/s against a cargohold holding that backlog, with and without
+``cargohold gc`` looping beside it. Run from the repository root:
 
     python -m loadtests.gc_bench --quick                 # 2,000 manifests, a few minutes
     python -m loadtests.gc_bench --json gc.json          # 20,000 manifests / 100,000 blobs
@@ -60,10 +60,7 @@ class Entry:
     repo: str
     tag: str
     image: oci.SmallImage
-
-    @property
-    def deleted(self) -> bool:
-        return self.index % 2 == 1
+    deleted: bool
 
     @property
     def blobs(self) -> list[bytes]:
@@ -92,7 +89,13 @@ def make_content(cfg: Config) -> list[Entry]:
     rng = random.Random(cfg.seed)
     repos = max(1, cfg.manifests // cfg.per_repo)
     return [
-        Entry(i, f"gc/r{i % repos:04d}", f"t{i:06d}", make_image(rng, cfg.layers, cfg.blob_min, cfg.blob_max))
+        Entry(
+            i,
+            f"gc/r{i % repos:04d}",
+            f"t{i:06d}",
+            make_image(rng, cfg.layers, cfg.blob_min, cfg.blob_max),
+            deleted=i % cfg.delete_every == cfg.delete_every - 1,
+        )
         for i in range(cfg.manifests)
     ]
 
@@ -105,6 +108,7 @@ class Config:
     blob_min: int = 64
     blob_max: int = 512
     per_repo: int = 200
+    delete_every: int = 2
     seed: int = 1
     gc_reps: int = 3
     cargohold_fill: str = "engine"
@@ -469,7 +473,8 @@ def gc_runs(cfg: Config, res: Results, snaps: dict[str, Path], entries: list[Ent
     """Each repetition: a fresh hard-linked copy of the filled store, the timed GC, then a second
     GC with nothing left to collect; the first repetition also checks the result over HTTP."""
     blobs = len(entries) * (cfg.layers + 1)
-    timed = f"GC wall time, {len(entries):,} manifests / {blobs:,} blobs, half unreferenced"
+    share = "half" if cfg.delete_every == 2 else f"1 in {cfg.delete_every}"
+    timed = f"GC wall time, {len(entries):,} manifests / {blobs:,} blobs, {share} unreferenced"
     res.facts["gc_row"] = timed
     again = "GC wall time, 2nd run (nothing left to collect)"
     deleted = "blobs deleted by the GC"
@@ -808,6 +813,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--blob-bytes", default="64-512", help="layer size range in bytes, LOW-HIGH")
     p.add_argument("--per-repo", type=int, default=200, help="images per repository")
+    p.add_argument(
+        "--delete-every", type=int, default=2, metavar="N", help="delete one manifest in N (default 2: half)"
+    )
     p.add_argument("--gc-reps", type=int, help="timed GC repetitions per registry (default 3)")
     p.add_argument("--cargohold-fill", choices=("engine", "http"), default="engine")
     p.add_argument(
@@ -855,6 +863,7 @@ def build_config(args: argparse.Namespace, work_dir: Path) -> Config:
         blob_min=low,
         blob_max=high,
         per_repo=args.per_repo,
+        delete_every=args.delete_every,
         gc_reps=pick("gc_reps", 3),
         cargohold_fill=args.cargohold_fill,
         distribution_fill=args.distribution_fill,
@@ -905,7 +914,8 @@ def run(cfg: Config) -> dict[str, Any]:
     print(
         f"content: {len(entries):,} images x {cfg.layers + 1} blobs "
         f"({cfg.blob_min}-{cfg.blob_max} B layers) in "
-        f"{len({e.repo for e in entries})} repositories; every other manifest deleted by digest; medians of "
+        f"{len({e.repo for e in entries})} repositories; one manifest in {cfg.delete_every} deleted "
+        "by digest; medians of "
         f"{cfg.gc_reps} GC reps and {cfg.push_reps} push reps (alternating order); runtime {elapsed:.0f}s"
     )
     if warning:

@@ -40,7 +40,7 @@ def test_v11_keeps_live_blobs_and_links_and_queues_old_tombstones(tmp_path: Path
         "INSERT INTO repository_blobs (repository_id, digest, linked_at) VALUES (?, ?, ?)", links
     )
 
-    assert migrate(sqlite_utils.Database(conn)) == len(MIGRATIONS) >= 11
+    assert migrate(conn) == len(MIGRATIONS) >= 11
 
     rows = conn.execute("SELECT * FROM blobs ORDER BY digest").fetchall()
     assert rows == [
