@@ -401,6 +401,25 @@ def _v11_digest_ordered_blobs(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE repository_blobs_v11 RENAME TO repository_blobs")
 
 
+def _v12_lean_collection_indexes(db: sqlite_utils.Database) -> None:
+    """The GC's candidate index holds only unreferenced live blobs (a partial index), so a
+    manifest push that adds a reference to a blob some manifest already references no longer
+    rewrites an index entry; and the deletion queue is one b-tree keyed by storage key
+    (WITHOUT ROWID), so queueing and forgetting a copy each touch one b-tree, not two."""
+    db.execute("DROP INDEX blobs_collectible")
+    db.execute("CREATE INDEX blobs_collectible ON blobs (digest) WHERE manifest_refs = 0 AND state = 'live'")
+    db.execute(
+        "CREATE TABLE doomed_objects_v12 (storage_key TEXT PRIMARY KEY, digest TEXT, "
+        "queued_at REAL NOT NULL, size INTEGER) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO doomed_objects_v12 SELECT storage_key, digest, queued_at, size FROM doomed_objects "
+        "ORDER BY storage_key"
+    )
+    db.execute("DROP TABLE doomed_objects")
+    db.execute("ALTER TABLE doomed_objects_v12 RENAME TO doomed_objects")
+
+
 MIGRATIONS: list[Migration] = [
     _v1_initial,
     _v2_portable_uploads,
@@ -413,6 +432,7 @@ MIGRATIONS: list[Migration] = [
     _v9_collection_order,
     _v10_quotas,
     _v11_digest_ordered_blobs,
+    _v12_lean_collection_indexes,
 ]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 

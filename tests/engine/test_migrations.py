@@ -59,3 +59,33 @@ def test_v11_keeps_live_blobs_and_links_and_queues_old_tombstones(tmp_path: Path
     assert "WITHOUT ROWID" in tables["blobs"] and "WITHOUT ROWID" in tables["repository_blobs"]
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'blobs'")}
     assert indexes == {"blobs", "blobs_collectible"}
+
+
+def test_v12_keeps_the_queue_and_the_gc_finds_candidates_through_the_partial_index(tmp_path: Path) -> None:
+    conn = store_at(tmp_path / "metadata.db", 11)
+    conn.execute(
+        "INSERT INTO doomed_objects (storage_key, digest, size, queued_at) "
+        "VALUES ('blobs/k1', 'sha256:aa', 7, 5)"
+    )
+    blob = "INSERT INTO blobs (digest, storage_key, size, state, created_at, touched_at, manifest_refs) "
+    blob += "VALUES (?, ?, 1, ?, 1.0, 2.0, ?)"
+    conn.execute(blob, ("sha256:01", "blobs/a", "live", 0))
+    conn.execute(blob, ("sha256:02", "blobs/b", "live", 3))
+    conn.execute(blob, ("sha256:03", "blobs/c", "quarantined", 0))
+
+    assert migrate(conn) == len(MIGRATIONS)
+
+    assert conn.execute("SELECT storage_key, digest, size, queued_at FROM doomed_objects").fetchall() == [
+        ("blobs/k1", "sha256:aa", 7, 5.0)
+    ]
+    tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    assert "WITHOUT ROWID" in tables["doomed_objects"]
+    candidates = "SELECT digest FROM blobs WHERE manifest_refs = 0 AND state = 'live' AND digest > ? "
+    candidates += "AND touched_at < ? ORDER BY digest LIMIT 10"
+    plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {candidates}", ("", 9.0)))
+    assert "USING INDEX blobs_collectible" in plan and "TEMP B-TREE" not in plan
+    assert conn.execute(candidates, ("", 9.0)).fetchall() == [("sha256:01",)]
+    in_index = conn.execute(
+        "SELECT COUNT(*) FROM blobs INDEXED BY blobs_collectible WHERE manifest_refs = 0 AND state = 'live'"
+    ).fetchone()[0]
+    assert in_index == 1
