@@ -41,6 +41,7 @@ class GCDefaults:
     delete_orphan_referrers: bool = True
     nice: int = 0
     pacing: Pacing = field(default_factory=Pacing)
+    leak_scan_every: float = 0.0
 
 
 class AdminAPI:
@@ -79,6 +80,9 @@ class AdminAPI:
             options = await json_object_body(request)
             grace = options.get("grace")
             grace_seconds = parse_duration(grace) if grace is not None else self.gc_defaults.grace_seconds
+            scan_leaks = options.get("scan_leaks", False)
+            if not isinstance(scan_leaks, bool):
+                raise AdminRequestInvalid("scan_leaks must be true or false")
         except (AdminRequestInvalid, ValueError) as exc:
             return admin_error(400, str(exc))
         try:
@@ -90,6 +94,7 @@ class AdminAPI:
                     delete_orphan_referrers=self.gc_defaults.delete_orphan_referrers,
                     nice=self.gc_defaults.nice,
                     pacing=self.gc_defaults.pacing,
+                    leak_scan_every=0.0 if scan_leaks else self.gc_defaults.leak_scan_every,
                 )
             )
         except JobAlreadyRunning:

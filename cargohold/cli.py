@@ -153,8 +153,11 @@ def _size(count: float) -> str:
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
 @click.option("--grace", "grace", help="Grace period (e.g. 1h, 30m); default: gc.grace_period.")
 @click.option("--history", is_flag=True, help="Show the reports of recent runs instead of running.")
+@click.option(
+    "--scan-leaks", is_flag=True, help="List the store for leaked objects now (default: gc.leak_scan_every)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def gc(dry_run: bool, grace: str | None, history: bool, as_json: bool) -> None:
+def gc(dry_run: bool, grace: str | None, history: bool, scan_leaks: bool, as_json: bool) -> None:
     """Collect garbage online: unreferenced blobs, leaked objects, stale uploads."""
     import json
 
@@ -191,6 +194,7 @@ def gc(dry_run: bool, grace: str | None, history: bool, as_json: bool) -> None:
                 delete_orphan_referrers=settings.gc.delete_orphan_referrers,
                 progress=progress,
                 pacing=Pacing(settings.gc.pause_ratio, settings.gc.busy_pause_ratio),
+                leak_scan_every=0.0 if scan_leaks else settings.gc.leak_scan_every,
             )
         except JobAlreadyRunning:
             raise click.ClickException("another garbage collection is running") from None

@@ -156,6 +156,10 @@ class GCSettings(BaseModel):
     # The GC runs this many steps lower in CPU priority (Linux nice, 0-19): it uses idle
     # cycles, and requests come first when the CPUs are busy.
     nice: int = Field(10, ge=0, le=19)
+    # A run lists the whole store for leaked objects (left by a crash between writing an
+    # object and recording it) at most this often; 0: every run. On an object store the
+    # listing is most of a run's requests, and leaks are rare.
+    leak_scan_every: Duration = 86400.0
 
     @field_validator("schedule")
     @classmethod

@@ -95,6 +95,7 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
             settings.gc.delete_orphan_referrers,
             settings.gc.nice,
             Pacing(settings.gc.pause_ratio, settings.gc.busy_pause_ratio),
+            settings.gc.leak_scan_every,
         ),
         retention_policies=settings.retention.policies,
         on_startup=[start],
@@ -168,6 +169,7 @@ def _scheduler_hooks(
                     delete_orphan_referrers=gc.delete_orphan_referrers,
                     pacing=Pacing(gc.pause_ratio, gc.busy_pause_ratio),
                     nice=gc.nice,
+                    leak_scan_every=gc.leak_scan_every,
                 ),
             )
         )

@@ -85,6 +85,9 @@ class JobLedger:
         with self.store.write() as conn:
             self.queries.finish_run(conn, run_id, status, summary)
 
+    def last_leak_scan(self) -> float | None:
+        return self.queries.last_leak_scan(self.store.read())
+
     def run_counts(self) -> dict[tuple[str, str], int]:
         """Finished and running (not dry) runs by (kind, status)."""
         return self.queries.run_counts(self.store.read())

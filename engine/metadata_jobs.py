@@ -235,6 +235,14 @@ class JobQueries:
             (status, time.time(), json.dumps(summary, separators=(",", ":")), run_id),
         )
 
+    def last_leak_scan(self, conn: Conn) -> float | None:
+        """When the newest GC run that listed the store for leaks (and finished) started."""
+        row = conn.execute(
+            "SELECT MAX(started_at) FROM job_runs WHERE kind = 'gc' AND dry_run = 0 "
+            "AND status IN ('succeeded', 'partial') AND json_extract(summary, '$.leak_scan')"
+        ).fetchone()
+        return row[0]
+
     def run_counts(self, conn: Conn) -> dict[tuple[str, str], int]:
         rows = conn.execute(
             "SELECT kind, status, COUNT(*) FROM job_runs WHERE dry_run = 0 GROUP BY kind, status"

@@ -9,7 +9,9 @@ Order of a run:
 2. expire stale upload sessions (and staged bytes no session owns);
 3. delete referrers whose subject is gone (optional), which may free more blobs;
 4. mark and sweep blobs, then purge their copies;
-5. find leaked objects (no row names them) by listing the backend, and delete them.
+5. find leaked objects (no row names them) by listing the backend, and delete them (at
+   most once per ``leak_scan_every``: leaks come only from crashes, and on an object store
+   the listing is most of a run's requests).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class GCReport:
     bytes_freed: int = 0
     leaks_deleted: int = 0
     leak_bytes_freed: int = 0
+    leak_scan: bool = False
     uploads_expired: int = 0
     referrers_deleted: int = 0
     resumed_deletions: int = 0
@@ -84,11 +87,15 @@ def collect(
     progress: Progress | None = None,
     pacing: Pacing = Pacing(),
     nice: int = 0,
+    leak_scan_every: float = 0.0,
 ) -> GCReport:
     """One GC run under the GC lease; raises ``JobAlreadyRunning`` if another one is going.
-    With ``nice`` it runs that many steps lower in CPU priority (``gc.priority``)."""
+    With ``nice`` it runs that many steps lower in CPU priority (``gc.priority``); it lists
+    the store for leaks if no run did in the last ``leak_scan_every`` seconds (0: always)."""
     return run_at_lower_priority(
-        lambda: _collect(registry, grace_seconds, dry_run, delete_orphan_referrers, progress, pacing),
+        lambda: _collect(
+            registry, grace_seconds, dry_run, delete_orphan_referrers, progress, pacing, leak_scan_every
+        ),
         nice,
     )
 
@@ -100,11 +107,14 @@ def _collect(
     delete_orphan_referrers: bool,
     progress: Progress | None,
     pacing: Pacing,
+    leak_scan_every: float,
 ) -> GCReport:
     report = GCReport(dry_run=dry_run, grace_seconds=grace_seconds)
     if not dry_run:
         registry.read_only.check()  # maintenance means no deletes either
     with registry.jobs.exclusive(LEASE, ttl=LEASE_TTL):
+        last_scan = registry.jobs.last_leak_scan()
+        report.leak_scan = last_scan is None or report.started_at - last_scan >= leak_scan_every
         run_id = registry.jobs.start_run("gc", dry_run)
         status = "failed"
         try:
@@ -164,7 +174,7 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
         time.sleep(pacing.pause(time.monotonic() - started, others_wrote))
     collection.forget(deleted_copies)
 
-    leaks = collection.leaks(cutoff)
+    leaks = collection.leaks(cutoff) if report.leak_scan else []
     if leaks:
         deleted = collection.delete_leaks(leaks, cutoff)
         report.leaks_deleted = deleted.deleted
@@ -187,7 +197,7 @@ def _plan(registry: Registry, report: GCReport, cutoff: float) -> None:
             report.would_delete.append({"kind": "blob", "digest": blob.digest, "size": blob.size})
             report.blobs_deleted += 1
             report.bytes_freed += blob.size
-    for leak in collection.leaks(cutoff):
+    for leak in collection.leaks(cutoff) if report.leak_scan else []:
         report.would_delete.append({"kind": "leak", "key": leak.key, "size": leak.size})
         report.leaks_deleted += 1
         report.leak_bytes_freed += leak.size

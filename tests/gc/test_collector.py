@@ -103,6 +103,44 @@ def test_young_leaks_are_left_alone(registry: Registry) -> None:
     assert "blobs/zz/just-written" in stored_keys(registry)
 
 
+def test_the_store_is_listed_for_leaks_at_most_once_per_interval(registry: Registry) -> None:
+    day = 86400.0
+    first = collect(registry, grace_seconds=0, leak_scan_every=day)
+    assert first.leak_scan  # never scanned before
+    registry.backend.put("blobs/zz/leaked-after-the-scan", [b"leak"])
+    time.sleep(0.01)  # older than the cutoff of the runs below
+
+    second = collect(registry, grace_seconds=0, leak_scan_every=day)
+    assert not second.leak_scan and second.leaks_deleted == 0
+    assert not collect(registry, grace_seconds=0, dry_run=True, leak_scan_every=day).would_delete
+    assert "blobs/zz/leaked-after-the-scan" in stored_keys(registry)
+
+    forced = collect(registry, grace_seconds=0, leak_scan_every=0)  # cargohold gc --scan-leaks
+    assert forced.leak_scan and forced.leaks_deleted == 1
+    assert "blobs/zz/leaked-after-the-scan" not in stored_keys(registry)
+
+    with registry.store.write() as conn:  # a day later
+        conn.execute("UPDATE job_runs SET started_at = started_at - ?", (day,))
+    registry.backend.put("blobs/zz/another", [b"leak"])
+    time.sleep(0.01)
+    assert collect(registry, grace_seconds=0, leak_scan_every=day).leaks_deleted == 1
+
+
+def test_a_failed_run_does_not_count_as_a_leak_scan(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(cutoff: float) -> list[object]:
+        raise OSError("store unreachable while listing")
+
+    monkeypatch.setattr(registry.collection, "leaks", broken)
+    with pytest.raises(OSError):
+        collect(registry, grace_seconds=0, leak_scan_every=86400)
+    monkeypatch.undo()
+    registry.backend.put("blobs/zz/leak", [b"leak"])
+    time.sleep(0.01)
+    assert collect(registry, grace_seconds=0, leak_scan_every=86400).leaks_deleted == 1
+
+
 def test_a_sweep_interrupted_before_the_physical_delete_resumes(registry: Registry) -> None:
     data = os.urandom(4096)
     digest = push_blob(registry, "r", data)

@@ -99,10 +99,14 @@ def test_admin_api_runs_gc_and_reports(tmp_path: Path) -> None:
         assert plan.status_code == 200 and plan.json()["bytes_freed"] == len(orphan)
         assert client.post("/admin/gc", content=b"not json", headers=auth).status_code == 400
         assert client.post("/admin/gc", json={"grace": "soon"}, headers=auth).status_code == 400
+        assert client.post("/admin/gc", json={"scan_leaks": "yes"}, headers=auth).status_code == 400
         done = client.post("/admin/gc", json={}, headers=auth)
-        assert done.status_code == 200 and done.json()["blobs_deleted"] == 1
+        assert done.status_code == 200 and done.json()["blobs_deleted"] == 1 and done.json()["leak_scan"]
+        again = client.post("/admin/gc", json={}, headers=auth).json()  # listed a moment ago
+        assert not again["leak_scan"]
+        assert client.post("/admin/gc", json={"scan_leaks": True}, headers=auth).json()["leak_scan"]
         runs = client.get("/admin/gc/runs", headers=auth).json()
-        assert [run["dry_run"] for run in runs] == [False, True]
+        assert [run["dry_run"] for run in runs] == [False, False, False, True]
         assert client.get("/admin/usage", headers=auth).json()["stored_bytes"] == 0
         assert client.head(f"/v2/adm/app/blobs/{sha256(orphan)}").status_code == 404
 

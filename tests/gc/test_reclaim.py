@@ -76,3 +76,21 @@ def test_retention_then_gc_reclaims_exactly_the_planned_bytes(
     assert on_disk == start - plan["reclaimable_bytes"]
     assert on_disk == cli("du", "--json")["stored_bytes"] == registry.usage().stored_bytes
     assert check_data_dir(data_dir) == []
+
+
+def test_cli_gc_lists_the_store_for_leaks_once_per_interval_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+    config = tmp_path / "cargohold.yaml"
+    config.write_text(f"data_dir: {data_dir}\ngc:\n  leak_scan_every: 1d\n  nice: 0\n")
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    registry = make_registry(data_dir)
+    assert cli("gc", "--grace", "0", "--json")["leak_scan"] is True
+    registry.backend.put("blobs/zz/leaked", [b"left by a crash"])
+
+    skipped = cli("gc", "--grace", "0", "--json")
+    assert skipped["leak_scan"] is False and skipped["leaks_deleted"] == 0
+    forced = cli("gc", "--grace", "0", "--scan-leaks", "--json")
+    assert forced["leak_scan"] is True and forced["leaks_deleted"] == 1
+    assert bytes_on_disk(data_dir) == 0
