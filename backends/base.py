@@ -65,7 +65,7 @@ Optional capabilities are separate Protocols (``LocalPaths``, ``PresignedURLs``)
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +162,14 @@ class LocalPaths(Protocol):
     """Capability: objects are plain local files, so the server may send them with sendfile."""
 
     def local_path(self, key: str) -> Path: ...
+
+
+@runtime_checkable
+class DeletesInBackground(Protocol):
+    """Capability: a batch delete that runs while the caller goes on (the filesystem's runs
+    in a helper process, off the GIL); the returned call waits and gives the failed keys."""
+
+    def start_delete_many(self, keys: list[str]) -> Callable[[], list[str]]: ...
 
 
 @runtime_checkable

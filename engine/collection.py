@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from cargohold.backends.base import Backend, ListsNames, LocalPaths, ObjectInfo, ObjectNotFound
+from cargohold.backends.base import Backend, DeletesInBackground, ListsNames, ObjectInfo, ObjectNotFound
 from cargohold.engine.layout import BLOB_PREFIX
 from cargohold.engine.metadata import MetadataStore
 from cargohold.engine.metadata_jobs import CollectibleBlob, JobQueries
@@ -65,11 +65,9 @@ class Collection:
         self.store = store
         self.backend = backend
         self.queries = JobQueries(store)
-        # Local unlinks wait on the kernel (the GIL is released) but are short: measured on 2
-        # cores, 50,000 unlinks took 3.1 s with 1 thread, 2.1 s with 2, 1.4 s with 4 (0.27,
-        # 0.22, 0.21 s for hard-linked copies), and 8 threads were slower again. Object stores
-        # wait on the network, so there many requests go at once.
-        self.delete_workers = 4 if isinstance(backend, LocalPaths) else delete_workers
+        # Object stores wait on the network, so many requests go at once (a store that
+        # deletes in the background on its own, such as the filesystem, is left to it).
+        self.delete_workers = delete_workers
         self._pool: ThreadPoolExecutor | None = None  # one pool: threads per batch cost more than deletes
 
     def mark(self, cutoff: float) -> Iterator[list[CollectibleBlob]]:
@@ -133,10 +131,12 @@ class Collection:
             result.failed.extend(deleted.failed)
 
     def _start_delete(self, keys: list[str]) -> Callable[[], list[str]]:
-        """The backend's batch delete in the pool, several batches at once (object stores
-        wait on the network; local unlinks wait on the kernel); the call returns the failed."""
+        """Start the backend's batch delete (in the pool, several batches at once, unless the
+        store deletes in the background itself); the returned call gives the failed keys."""
         if not keys:
             return list
+        if isinstance(self.backend, DeletesInBackground):
+            return self.backend.start_delete_many(keys)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.delete_workers, thread_name_prefix="gc-delete")
         futures = [
