@@ -148,31 +148,38 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
             except ManifestUnknown:
                 pass  # deleted by someone else meanwhile
 
-    # Page N's copies are deleted in the background while page N+1 is swept (the database
-    # and the unlinks or requests overlap); page N+2's transaction forgets them.
+    def finish(deleting: Callable[[], PurgeResult]) -> list[str]:
+        deleted = deleting()
+        report.blobs_deleted += deleted.deleted
+        report.bytes_freed += deleted.bytes
+        report.errors.extend(f"could not delete {key}" for key in deleted.failed)
+        return deleted.gone
+
+    # On an idle registry page N's copies are deleted in the background while page N+1 is
+    # swept (the database work and the unlinks or requests overlap), and page N+2's
+    # transaction forgets them. When requests wrote meanwhile, a page's deletes finish
+    # before the pause, so the pause leaves the disk and the CPUs to them.
     deleting: Callable[[], PurgeResult] | None = None
-    deleted_copies: list[str] = []
+    forget: list[str] = []
     after = ""
     while True:
         started = time.monotonic()
         version = registry.store.data_version()
         registry.jobs.acquire(LEASE, LEASE_TTL)  # renew: a long sweep keeps its lease
-        swept = collection.sweep(cutoff, after, forget=deleted_copies)
-        deleted_copies = []
-        if deleting is not None:
-            deleted = deleting()
-            deleted_copies = deleted.gone
-            report.blobs_deleted += deleted.deleted
-            report.bytes_freed += deleted.bytes
-            report.errors.extend(f"could not delete {key}" for key in deleted.failed)
+        swept = collection.sweep(cutoff, after, forget=forget)
+        forget = finish(deleting) if deleting is not None else []
+        deleting = None
         if not swept:
             break
         after = swept[-1].digest
         progress("sweep", len(swept))
         deleting = collection.start_deleting(swept)
         others_wrote = registry.store.data_version() != version
+        if others_wrote:
+            forget += finish(deleting)
+            deleting = None
         time.sleep(pacing.pause(time.monotonic() - started, others_wrote))
-    collection.forget(deleted_copies)
+    collection.forget(forget)
 
     leaks = collection.leaks(cutoff) if report.leak_scan else []
     if leaks:

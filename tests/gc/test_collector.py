@@ -285,3 +285,32 @@ def test_pacing_yields_between_sweep_batches_and_more_while_others_write(
     one_page_of_garbage(400)
     collect(registry, grace_seconds=0, pacing=Pacing(when_busy=5.0))
     assert pauses[3] > 0
+
+
+def test_while_others_write_a_pages_deletes_finish_before_its_pause(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cargohold.gc.collector as collector
+
+    stored_at_pause: list[int] = []
+    monkeypatch.setattr(collector.time, "sleep", lambda _: stored_at_pause.append(len(stored_keys(registry))))
+    collection = registry.collection
+    start_deleting = collection.start_deleting
+    # Deletes that happen only when waited for, so the order of wait and pause shows.
+    monkeypatch.setattr(collection, "start_deleting", lambda blobs: lambda: start_deleting(blobs)())
+    for i in range(3):
+        push_blob(registry, "r", os.urandom(100 + i))
+    age_everything(registry)
+
+    collect(registry, grace_seconds=0, pacing=Pacing(when_busy=1.0))
+    assert stored_at_pause == [3]  # idle: the page's deletes run on past its pause
+    assert stored_keys(registry) == set()
+
+    for i in range(3):
+        push_blob(registry, "r", os.urandom(200 + i))
+    age_everything(registry)
+    versions = iter(range(100))
+    monkeypatch.setattr(registry.store, "data_version", lambda: next(versions))  # others commit
+    collect(registry, grace_seconds=0, pacing=Pacing(when_busy=1.0))
+    assert stored_at_pause[1:] == [0]  # busy: the pause comes after the page's deletes
+    assert stored_keys(registry) == set()
