@@ -31,7 +31,7 @@ from cargohold.backends.base import (
     StagedBusy,
     check_key,
 )
-from cargohold.backends.unlinker import Unlinker
+from cargohold.backends.unlinker import Unlinker, unlink_each
 
 READ_CHUNK = 1024 * 1024
 XATTR_PREFIX = "user.cargohold."
@@ -170,34 +170,34 @@ class FilesystemBackend:
         with contextlib.suppress(FileNotFoundError):
             self._object_path(key).unlink()
 
-    def delete_many(self, keys: Iterable[str]) -> list[str]:
-        # Plain strings, not Path objects: a GC deletes tens of thousands in a row.
+    def _paths_of(self, keys: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+        """{path: key} for the valid keys, and the invalid keys (plain strings, not Path
+        objects: a GC deletes tens of thousands in a row)."""
         objects = f"{self._objects}{os.sep}"
-        failed = []
+        paths: dict[str, str] = {}
+        invalid = []
         for key in keys:
             try:
-                os.unlink(objects + check_key(key))
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError):
-                failed.append(key)
-        return failed
+                paths[objects + check_key(key)] = key
+            except ValueError:
+                invalid.append(key)
+        return paths, invalid
+
+    def delete_many(self, keys: Iterable[str]) -> list[str]:
+        paths, invalid = self._paths_of(keys)
+        return invalid + [paths[path] for path in unlink_each(paths)]
 
     def start_delete_many(self, keys: list[str]) -> Callable[[], list[str]]:
         """``delete_many`` in a helper process (``unlinker``), so a GC's database work and
         its unlinks run at once instead of taking turns at the GIL."""
-        objects = f"{self._objects}{os.sep}"
-        try:
-            paths = {objects + check_key(key): key for key in keys}
-        except ValueError:
-            failed = self.delete_many(keys)  # reports the bad keys one by one
+        if "\n" in str(self._objects):  # the helper's protocol is one path per line
+            failed = self.delete_many(keys)
             return lambda: failed
-        if "\n" in objects:  # the helper's protocol is one path per line
-            return lambda: self.delete_many(keys)
+        paths, invalid = self._paths_of(keys)
         if self._unlinker is None:
             self._unlinker = Unlinker()
         waiting = self._unlinker.start(list(paths))
-        return lambda: [paths[path] for path in waiting()]
+        return lambda: invalid + [paths[path] for path in waiting()]
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         for key in self.list_names(prefix):
