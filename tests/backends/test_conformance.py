@@ -86,7 +86,25 @@ def test_overwrite_replaces_the_whole_object(backend: Backend) -> None:
     assert backend.stat("blobs/o/key").size == 6
 
 
-@pytest.mark.parametrize("key", ["../escape", "a/../../b", "/abs", "a//b", "a/./b", "", "a\\b", "a b", "x/"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../escape",
+        "a/../../b",
+        "/abs",
+        "a//b",
+        "a/./b",
+        "",
+        "a\\b",
+        "a b",
+        "x/",
+        "..",
+        ".",
+        "a/..",
+        "a/.",
+        "a\n",
+    ],
+)
 def test_invalid_keys_are_refused(backend: Backend, key: str) -> None:
     with pytest.raises(ValueError):
         backend.put(key, [b"x"])
