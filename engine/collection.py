@@ -14,10 +14,11 @@ may go, each in one transaction:
     MANIFEST_BLOB_UNKNOWN and the client uploads again) or the PUT wins (the blob is
     referenced and the sweep skips it). A tombstoned blob answers 404 from then on.
 ``purge()``
-    Deletes the queued physical copies, then forgets them. Runs after the tombstones
-    committed, so a crash in between only leaves work for the next run (the queue is
-    durable): a run can be stopped and resumed at any point. A digest re-uploaded
-    meanwhile lives in a new copy with a new key, which the purge never touches.
+    Deletes the queued physical copies (a sweep queues each page's as one row), then
+    forgets them. Runs after the tombstones committed, so a crash in between only leaves
+    work for the next run (the queue is durable): a run can be stopped and resumed at any
+    point. A digest re-uploaded meanwhile lives in a new copy with a new key, which the
+    purge never touches.
 ``leaks(cutoff)``
     Objects in the backend that no row names (a crash between writing an object and
     recording it), older than ``cutoff``; found by listing the backend.
@@ -35,7 +36,7 @@ from typing import TypeVar
 from cargohold.backends.base import Backend, DeletesInBackground, ListsNames, ObjectInfo, ObjectNotFound
 from cargohold.engine.layout import BLOB_PREFIX
 from cargohold.engine.metadata import MetadataStore
-from cargohold.engine.metadata_jobs import CollectibleBlob, JobQueries
+from cargohold.engine.metadata_jobs import CollectibleBlob, JobQueries, QueuedCopies, Settled
 
 T = TypeVar("T")
 BATCH = 2000  # blobs per transaction: fewer commits (each an fsync) without holding the lock long
@@ -46,7 +47,7 @@ class PurgeResult:
     deleted: int = 0
     bytes: int = 0
     failed: list[str] = field(default_factory=list)
-    gone: list[str] = field(default_factory=list)  # keys deleted, still to be forgotten
+    settled: list[Settled] = field(default_factory=list)  # for the queue to forget
 
 
 def _missing(listing: Iterable[T], named: Iterator[str], key_of: Callable[[T], str]) -> Iterator[T]:
@@ -80,55 +81,70 @@ class Collection:
             yield page
             after = page[-1].digest
 
-    def sweep(self, cutoff: float, after: str = "", forget: Sequence[str] = ()) -> list[CollectibleBlob]:
+    def sweep(self, cutoff: float, after: str = "", settled: Sequence[Settled] = ()) -> QueuedCopies:
         """Tombstone the next page of blobs after ``after`` that are collectible now, chosen
         in the write transaction itself (so a candidate is never stale). The same transaction
-        forgets ``forget``, copies already deleted (one commit per page instead of two)."""
+        forgets ``settled``, copies already deleted (one commit per page instead of two)."""
         with self.store.write() as conn:
             self.queries.prepare_bulk(conn)
-            self.queries.forget_deleted(conn, forget)
+            self.queries.forget_deleted(conn, settled)
             return self.queries.tombstone_next(conn, after, cutoff, BATCH, time.time())
 
-    def start_deleting(self, blobs: list[CollectibleBlob]) -> Callable[[], PurgeResult]:
-        """Start deleting, in the background, the copies a committed sweep queued; the returned
-        call waits for them and tells what went. Their queue entries stay until a later
-        transaction forgets ``gone``; a crash before that leaves them for ``purge``."""
-        deleting = self._start_delete([blob.storage_key for blob in blobs])
+    def start_deleting(self, queued: QueuedCopies) -> Callable[[], PurgeResult]:
+        """Start deleting, in the background, queued copies (a committed sweep's page); the
+        returned call waits for them and tells what went. Their queue entries stay until a
+        later transaction forgets ``settled``; a crash before that leaves them for ``purge``."""
+        deleting = self._start_delete([blob.storage_key for blob in queued.blobs])
 
         def outcome() -> PurgeResult:
             failed = set(deleting())
             result = PurgeResult(failed=sorted(failed))
-            for blob in blobs:
-                if blob.storage_key not in failed:
-                    result.gone.append(blob.storage_key)
+            gone, kept = [], []
+            for blob in queued.blobs:
+                if blob.storage_key in failed:
+                    kept.append(blob)
+                else:
+                    gone.append(blob.storage_key)
                     result.deleted += 1
                     result.bytes += blob.size
+            if queued.page is None:
+                result.settled.append(Settled(gone, [], []))  # failed entries simply stay
+            else:
+                result.settled.append(Settled([], [queued.page], kept))
             return result
 
         return outcome
 
-    def delete_copies(self, blobs: list[CollectibleBlob]) -> PurgeResult:
-        return self.start_deleting(blobs)()
+    def delete_copies(self, queued: QueuedCopies) -> PurgeResult:
+        return self.start_deleting(queued)()
 
-    def forget(self, keys: Sequence[str]) -> None:
-        # Not fsynced: if a power loss undoes it, the next run deletes (idempotently) and forgets again.
-        if keys:
+    def forget(self, settled: Sequence[Settled]) -> None:
+        # Not fsynced: if a power loss undoes it, the next run deletes (idempotently: a copy's
+        # key is never reused) and forgets again.
+        if settled:
             with self.store.write(durable=False) as conn:
-                self.queries.forget_deleted(conn, keys)
+                self.queries.forget_deleted(conn, settled)
 
     def purge(self) -> PurgeResult:
-        """Delete every queued copy (in batches, in parallel) and forget those that went."""
+        """Delete every queued copy (in batches, in parallel) and forget those that went. A
+        page's copies that fail are queued singly for the next run."""
         result = PurgeResult()
         while True:
             batch = self.queries.doomed(self.store.read(), BATCH)
             batch = [blob for blob in batch if blob.storage_key not in result.failed]
             if not batch:
-                return result
-            deleted = self.delete_copies(batch)
-            self.forget(deleted.gone)
-            result.deleted += deleted.deleted
-            result.bytes += deleted.bytes
-            result.failed.extend(deleted.failed)
+                break
+            self._purged(result, self.delete_copies(QueuedCopies(None, batch)))
+        while pages := self.queries.doomed_pages(self.store.read(), 8):
+            for page in pages:
+                self._purged(result, self.delete_copies(page))
+        return result
+
+    def _purged(self, result: PurgeResult, deleted: PurgeResult) -> None:
+        self.forget(deleted.settled)
+        result.deleted += deleted.deleted
+        result.bytes += deleted.bytes
+        result.failed.extend(deleted.failed)
 
     def _start_delete(self, keys: list[str]) -> Callable[[], list[str]]:
         """Start the backend's batch delete (in the pool, several batches at once, unless the
@@ -148,7 +164,9 @@ class Collection:
         return self._start_delete(keys)()
 
     def queued(self) -> list[CollectibleBlob]:
-        return self.queries.doomed(self.store.read(), 1_000_000)
+        conn = self.store.read()
+        paged = [blob for page in self.queries.doomed_pages(conn, 1_000_000) for blob in page.blobs]
+        return self.queries.doomed(conn, 1_000_000) + paged
 
     def leaks(self, cutoff: float) -> list[ObjectInfo]:
         """Stored objects that no row names, last modified before ``cutoff``.

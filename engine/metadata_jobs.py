@@ -23,6 +23,27 @@ class CollectibleBlob:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuedCopies:
+    """Physical copies waiting for deletion: one sweep page's (``page`` is its row in
+    ``doomed_pages``, queued as one row), or single entries of ``doomed_objects`` (``page``
+    None: copies a re-upload replaced, leaks fsck found, copies whose delete failed)."""
+
+    page: int | None
+    blobs: list[CollectibleBlob]
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What became of queued copies whose deletes finished, for the queue to forget: single
+    entries that went, pages whose every copy was tried, and those pages' copies that could
+    not be deleted (they stay queued, one entry each)."""
+
+    gone: list[str]
+    pages: list[int]
+    failed: list[CollectibleBlob]
+
+
+@dataclass(frozen=True, slots=True)
 class JobRun:
     id: int
     kind: str
@@ -31,6 +52,13 @@ class JobRun:
     started_at: float
     finished_at: float | None
     summary: dict[str, Any]
+
+
+# The storage keys the queued sweep pages name.
+_PAGED_KEYS = (
+    "SELECT json_extract(copy.value, '$[0]') AS storage_key "
+    "FROM doomed_pages, json_each(doomed_pages.copies) copy"
+)
 
 
 def _marks(items: Sequence[object]) -> str:
@@ -57,15 +85,13 @@ class JobQueries:
         """A page cache big enough for a sweep's pages (the default 2 MiB re-reads them)."""
         conn.execute("PRAGMA cache_size = -32768")
 
-    def tombstone_next(
-        self, conn: Conn, after: str, cutoff: float, limit: int, now: float
-    ) -> list[CollectibleBlob]:
+    def tombstone_next(self, conn: Conn, after: str, cutoff: float, limit: int, now: float) -> QueuedCopies:
         """Find and tombstone, in the caller's write transaction, the next ``limit`` blobs after
         ``after`` (digest order) that are unreferenced and idle since ``cutoff``. Choosing them
         inside the write transaction is the re-check: a manifest PUT that committed first
         references its blobs, one that commits later finds them gone. Their rows and links go
         now (the digest answers 404 at once) and their copies are queued, with their sizes,
-        for physical deletion."""
+        for physical deletion, as one row (a row per copy cost a sweep a fifth of its SQL)."""
         rows = conn.execute(
             "DELETE FROM blobs WHERE digest IN (SELECT digest FROM blobs WHERE manifest_refs = 0 "
             "AND state = 'live' AND digest > ? AND touched_at < ? ORDER BY digest LIMIT ?) "
@@ -73,20 +99,18 @@ class JobQueries:
             (after, cutoff, limit),
         ).fetchall()
         if not rows:
-            return []
+            return QueuedCopies(None, [])
         doomed = sorted((CollectibleBlob(*row) for row in rows), key=lambda blob: blob.digest)
         gone = json.dumps([blob.digest for blob in doomed])
         links = self.store.quota_counts.repository_links(conn, gone)
         conn.execute("DELETE FROM repository_blobs WHERE digest IN (SELECT value FROM json_each(?))", (gone,))
         self.store.quota_counts.unlinked(conn, links)
-        conn.executemany(
-            "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, size, queued_at) VALUES (?, ?, ?, ?)",
-            ((blob.storage_key, blob.digest, blob.size, now) for blob in doomed),
-        )
-        return doomed
+        copies = json.dumps([[blob.storage_key, blob.size] for blob in doomed], separators=(",", ":"))
+        page = conn.execute("INSERT INTO doomed_pages (queued_at, copies) VALUES (?, ?)", (now, copies))
+        return QueuedCopies(page.lastrowid, doomed)
 
     def doomed(self, conn: Conn, limit: int) -> list[CollectibleBlob]:
-        """Queued copies with their sizes (0 if unknown: a leak queued by fsck)."""
+        """Single queued copies with their sizes (0 if unknown: a leak queued by fsck)."""
         rows = conn.execute(
             "SELECT storage_key, COALESCE(digest, ''), COALESCE(size, 0) FROM doomed_objects "
             "ORDER BY queued_at LIMIT ?",
@@ -94,10 +118,27 @@ class JobQueries:
         )
         return [CollectibleBlob(digest, key, size) for key, digest, size in rows]
 
-    def forget_deleted(self, conn: Conn, keys: Sequence[str]) -> None:
-        """The copies are gone: drop their queue entries."""
-        if keys:
-            conn.execute(f"DELETE FROM doomed_objects WHERE storage_key IN ({_marks(keys)})", keys)
+    def doomed_pages(self, conn: Conn, limit: int) -> list[QueuedCopies]:
+        """The oldest queued sweep pages."""
+        rows = conn.execute("SELECT id, copies FROM doomed_pages ORDER BY id LIMIT ?", (limit,))
+        return [
+            QueuedCopies(page, [CollectibleBlob("", key, size) for key, size in json.loads(copies)])
+            for page, copies in rows
+        ]
+
+    def forget_deleted(self, conn: Conn, settled: Sequence[Settled]) -> None:
+        """Drop the queue entries of copies that are gone (a failed copy of a page stays queued
+        on its own)."""
+        for done in settled:
+            if gone := done.gone:
+                conn.execute(f"DELETE FROM doomed_objects WHERE storage_key IN ({_marks(gone)})", gone)
+            if done.pages:
+                conn.execute(f"DELETE FROM doomed_pages WHERE id IN ({_marks(done.pages)})", done.pages)
+            conn.executemany(
+                "INSERT OR IGNORE INTO doomed_objects (storage_key, digest, size, queued_at) "
+                "VALUES (?, ?, ?, ?)",
+                ((blob.storage_key, blob.digest or None, blob.size, time.time()) for blob in done.failed),
+            )
 
     def named_keys(self, conn: Conn) -> Iterator[str]:
         """Every key a blob row, a deletion queue entry or an upload session names, ascending."""
@@ -105,6 +146,7 @@ class JobQueries:
             row[0]
             for row in conn.execute(
                 "SELECT storage_key FROM blobs UNION SELECT storage_key FROM doomed_objects "
+                f"UNION {_PAGED_KEYS} "
                 "UNION SELECT storage_key FROM uploads WHERE storage_key IS NOT NULL ORDER BY 1"
             )
         )
@@ -119,6 +161,7 @@ class JobQueries:
             for sql in (
                 f"SELECT storage_key FROM blobs WHERE storage_key IN ({marks})",
                 f"SELECT storage_key FROM doomed_objects WHERE storage_key IN ({marks})",
+                f"SELECT * FROM ({_PAGED_KEYS}) WHERE storage_key IN ({marks})",
                 f"SELECT storage_key FROM uploads WHERE storage_key IN ({marks})",
             ):
                 found.update(row[0] for row in conn.execute(sql, part))

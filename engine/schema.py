@@ -20,6 +20,8 @@
                      change together, in the transaction that acknowledges a chunk
 
     doomed_objects (storage_key PK, digest, size, queued_at)   physical copies waiting to be deleted
+    doomed_pages (id, queued_at, copies)    the same, one row per GC sweep page: copies is a JSON
+                                            list of [storage_key, size]
     leases (name PK, owner, expires_at)                   one runner of a job across processes/nodes
     job_runs (id, kind, dry_run, status, started_at, finished_at, summary)   GC/retention reports
     admin_settings (name PK, value, updated_at)          set through the admin API, e.g. retention policies
@@ -420,6 +422,15 @@ def _v12_lean_collection_indexes(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE doomed_objects_v12 RENAME TO doomed_objects")
 
 
+def _v13_paged_deletion_queue(db: sqlite_utils.Database) -> None:
+    """A GC sweep queues each page's copies as one row instead of a row per copy: the
+    inserts and deletes of those rows were a fifth of a sweep's SQL. Single copies (a
+    replaced upload, a leak fsck found, a copy whose delete failed) stay in doomed_objects."""
+    db.execute(
+        "CREATE TABLE doomed_pages (id INTEGER PRIMARY KEY, queued_at REAL NOT NULL, copies TEXT NOT NULL)"
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v1_initial,
     _v2_portable_uploads,
@@ -433,6 +444,7 @@ MIGRATIONS: list[Migration] = [
     _v10_quotas,
     _v11_digest_ordered_blobs,
     _v12_lean_collection_indexes,
+    _v13_paged_deletion_queue,
 ]
 """Append only. Migration N (1-based) is ``MIGRATIONS[N - 1]``; never edit a released one."""
 

@@ -25,6 +25,7 @@ from typing import Any
 from cargohold.engine import Registry
 from cargohold.engine.collection import PurgeResult
 from cargohold.engine.errors import ManifestUnknown
+from cargohold.engine.metadata_jobs import Settled
 from cargohold.gc.priority import run_at_lower_priority
 
 log = logging.getLogger(__name__)
@@ -148,38 +149,38 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
             except ManifestUnknown:
                 pass  # deleted by someone else meanwhile
 
-    def finish(deleting: Callable[[], PurgeResult]) -> list[str]:
+    def finish(deleting: Callable[[], PurgeResult]) -> list[Settled]:
         deleted = deleting()
         report.blobs_deleted += deleted.deleted
         report.bytes_freed += deleted.bytes
         report.errors.extend(f"could not delete {key}" for key in deleted.failed)
-        return deleted.gone
+        return deleted.settled
 
     # On an idle registry page N's copies are deleted in the background while page N+1 is
     # swept (the database work and the unlinks or requests overlap), and page N+2's
     # transaction forgets them. When requests wrote meanwhile, a page's deletes finish
     # before the pause, so the pause leaves the disk and the CPUs to them.
     deleting: Callable[[], PurgeResult] | None = None
-    forget: list[str] = []
+    settled: list[Settled] = []
     after = ""
     while True:
         started = time.monotonic()
         version = registry.store.data_version()
         registry.jobs.acquire(LEASE, LEASE_TTL)  # renew: a long sweep keeps its lease
-        swept = collection.sweep(cutoff, after, forget=forget)
-        forget = finish(deleting) if deleting is not None else []
+        swept = collection.sweep(cutoff, after, settled)
+        settled = finish(deleting) if deleting is not None else []
         deleting = None
-        if not swept:
+        if not swept.blobs:
             break
-        after = swept[-1].digest
-        progress("sweep", len(swept))
+        after = swept.blobs[-1].digest
+        progress("sweep", len(swept.blobs))
         deleting = collection.start_deleting(swept)
         others_wrote = registry.store.data_version() != version
         if others_wrote:
-            forget += finish(deleting)
+            settled += finish(deleting)
             deleting = None
         time.sleep(pacing.pause(time.monotonic() - started, others_wrote))
-    collection.forget(forget)
+    collection.forget(settled)
 
     leaks = collection.leaks(cutoff) if report.leak_scan else []
     if leaks:

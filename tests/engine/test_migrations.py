@@ -89,3 +89,19 @@ def test_v12_keeps_the_queue_and_the_gc_finds_candidates_through_the_partial_ind
         "SELECT COUNT(*) FROM blobs INDEXED BY blobs_collectible WHERE manifest_refs = 0 AND state = 'live'"
     ).fetchone()[0]
     assert in_index == 1
+
+
+def test_v13_keeps_single_queue_entries_and_adds_the_page_queue(tmp_path: Path) -> None:
+    conn = store_at(tmp_path / "metadata.db", 12)
+    conn.execute(
+        "INSERT INTO doomed_objects (storage_key, digest, size, queued_at) "
+        "VALUES ('blobs/k1', 'sha256:aa', 7, 5)"
+    )
+
+    assert migrate(conn) == len(MIGRATIONS)
+
+    assert conn.execute("SELECT storage_key, size FROM doomed_objects").fetchall() == [("blobs/k1", 7)]
+    conn.execute("INSERT INTO doomed_pages (queued_at, copies) VALUES (6, '[[\"blobs/k2\",3]]')")
+    paged = "SELECT json_extract(c.value, '$[0]'), json_extract(c.value, '$[1]') "
+    paged += "FROM doomed_pages, json_each(doomed_pages.copies) c"
+    assert conn.execute(paged).fetchall() == [("blobs/k2", 3)]

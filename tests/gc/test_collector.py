@@ -147,14 +147,46 @@ def test_a_sweep_interrupted_before_the_physical_delete_resumes(registry: Regist
     age_everything(registry)
     cutoff = time.time()
     tombstoned = registry.collection.sweep(cutoff)  # then the process dies
-    assert [b.digest for b in tombstoned] == [digest]
+    assert [b.digest for b in tombstoned.blobs] == [digest]
     with pytest.raises(e.BlobUnknown):
         registry.stat_blob("r", digest)
     assert len(stored_keys(registry)) == 1  # bytes still there, queued
+    restarted = make_registry(Path(registry.store.path).parent)
+    assert restarted.collection.leaks(time.time() + 60) == []  # queued is not leaked
+    planned = collect(restarted, grace_seconds=60, dry_run=True)
+    assert [(item["kind"], item["size"]) for item in planned.would_delete] == [("queued", len(data))]
 
-    report = collect(make_registry(Path(registry.store.path).parent), grace_seconds=60)
+    report = collect(restarted, grace_seconds=60)
     assert report.resumed_deletions == 1
     assert stored_keys(registry) == set()
+    assert restarted.collection.queued() == []
+
+
+def test_copies_whose_delete_fails_stay_queued_until_a_run_deletes_them(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = [os.urandom(500 + i) for i in range(3)]
+    for data in blobs:
+        push_blob(registry, "r", data)
+    age_everything(registry)
+    backend = registry.backend
+    stubborn = sorted(stored_keys(registry))[1]
+
+    def delete_all_but_one(keys: list[str]) -> object:
+        backend.delete_many([key for key in keys if key != stubborn])
+        return lambda: [stubborn] if stubborn in keys else []
+
+    monkeypatch.setattr(backend, "start_delete_many", delete_all_but_one)
+    report = collect(registry, grace_seconds=0)
+    assert report.blobs_deleted == 2 and report.errors == [f"could not delete {stubborn}"]
+    assert stored_keys(registry) == {stubborn}
+    assert [blob.storage_key for blob in registry.collection.queued()] == [stubborn]
+    assert registry.store.read().execute("SELECT COUNT(*) FROM doomed_pages").fetchone() == (0,)
+
+    monkeypatch.undo()
+    again = collect(registry, grace_seconds=0)
+    assert again.resumed_deletions == 1 and again.errors == []
+    assert stored_keys(registry) == set() and registry.collection.queued() == []
 
 
 def test_sweep_rechecks_so_a_manifest_put_that_won_keeps_its_blob(registry: Registry) -> None:
@@ -165,7 +197,7 @@ def test_sweep_rechecks_so_a_manifest_put_that_won_keeps_its_blob(registry: Regi
     candidates = [b.digest for page in registry.collection.mark(time.time()) for b in page]
     assert set(candidates) == {digest_of(config), digest_of(layer)}
     registry.put_manifest("r", "v1", image_manifest(config, [layer]), OCI_MANIFEST)  # the PUT wins
-    assert registry.collection.sweep(time.time()) == []
+    assert registry.collection.sweep(time.time()).blobs == []
     assert registry.stat_blob("r", digest_of(layer)).size == len(layer)
 
 

@@ -75,6 +75,7 @@ def test_kill_during_sweep_then_run_again(tmp_path: Path, kill_after: float) -> 
     conn = after.store.read()
     assert conn.execute("SELECT COUNT(*) FROM blobs WHERE manifest_refs = 0").fetchone() == (0,)
     assert conn.execute("SELECT COUNT(*) FROM doomed_objects").fetchone() == (0,)
+    assert conn.execute("SELECT COUNT(*) FROM doomed_pages").fetchone() == (0,)
     stored = {info.key for info in after.backend.list(BLOB_PREFIX)}
     rows = {row[0] for row in conn.execute("SELECT storage_key FROM blobs")}
     assert stored == rows
