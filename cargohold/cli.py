@@ -138,9 +138,11 @@ def _serve_uvicorn(settings) -> None:  # type: ignore[no-untyped-def]
 
 
 def _open_registry():  # type: ignore[no-untyped-def]
+    """The registry for a command: not instrumented (a command's backend calls are not the
+    server's metrics, and prometheus-client costs every command its import)."""
     from cargohold.runtime import open_registry
 
-    return open_registry(load_settings())
+    return open_registry(load_settings(), instrumented=False)
 
 
 def _size(count: float) -> str:

@@ -10,7 +10,6 @@ from cargohold.config import Settings, load_settings
 from cargohold.engine import MetadataStore, Registry, RegistryLimits
 from cargohold.engine.immutability import ImmutableTagRule
 from cargohold.engine.quotas import Quota
-from cargohold.metrics import InstrumentedBackend, StoreCollector, exposition
 
 
 def open_backend(settings: Settings) -> Backend:
@@ -47,7 +46,9 @@ def describe_backend(settings: Settings) -> str:
     return f"{storage.backend} ({where})"
 
 
-def open_registry(settings: Settings) -> Registry:
+def open_registry(settings: Settings, instrumented: bool = True) -> Registry:
+    """The registry on the configured stores; ``instrumented`` counts backend calls for the
+    server's metrics (a CLI command leaves them, and prometheus-client, alone)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     limits = RegistryLimits(
         upload_expiry_seconds=settings.uploads.expiry_hours * 3600,
@@ -59,9 +60,14 @@ def open_registry(settings: Settings) -> Registry:
         pull_event_sample_rate=settings.events.pull_sample_rate,
         pull_through_prefixes=settings.cache.prefixes if settings.cache is not None else (),
     )
+    backend = open_backend(settings)
+    if instrumented:
+        from cargohold.metrics import InstrumentedBackend
+
+        backend = InstrumentedBackend(backend)
     return Registry(
         MetadataStore(settings.metadata_path),
-        InstrumentedBackend(open_backend(settings)),
+        backend,
         limits,
         immutable_tags=[
             ImmutableTagRule(tuple(rule.repositories), tuple(rule.tags)) for rule in settings.immutable_tags
@@ -75,6 +81,7 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
     from cargohold.api import GCDefaults, create_app
     from cargohold.gc import Pacing
     from cargohold.logs import configure_logging
+    from cargohold.metrics import StoreCollector, exposition
 
     settings = settings or load_settings()
     configure_logging(settings.log_level)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from cargohold.gc import collect
 from tests.engine.conftest import make_registry
 from tests.gc.test_retention import push
 from tests.support.consistency import check_data_dir
+from tests.support.servers import cargohold_command
 
 IMAGES = 10
 
@@ -94,3 +96,20 @@ def test_cli_gc_lists_the_store_for_leaks_once_per_interval_unless_asked(
     forced = cli("gc", "--grace", "0", "--scan-leaks", "--json")
     assert forced["leak_scan"] is True and forced["leaks_deleted"] == 1
     assert bytes_on_disk(data_dir) == 0
+
+
+def test_a_cli_gc_leaves_the_servers_metrics_alone(tmp_path: Path) -> None:
+    """A command run beside a server (same environment) must not write counters into the
+    server's Prometheus multiprocess directory: its backend calls are not the server's."""
+    data_dir, metrics_dir = tmp_path / "data", tmp_path / "metrics"
+    metrics_dir.mkdir()
+    registry = make_registry(data_dir)
+    registry.backend.put("blobs/zz/leaked", [b"left by a crash"])
+    env = {**os.environ, "CARGOHOLD_DATA_DIR": str(data_dir), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    env.pop(CONFIG_ENV, None)
+    run = subprocess.run(
+        [*cargohold_command(), "gc", "--grace", "0", "--json"], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["leaks_deleted"] == 1  # it did call the backend
+    assert list(metrics_dir.iterdir()) == []
