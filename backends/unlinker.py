@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO
 
 THREADS = 4
@@ -164,11 +164,16 @@ def _requests(stdin: int, idle: float) -> Iterator[tuple[int, list[str]]]:
         received += data
 
 
-def _write_answers(answers: queue.SimpleQueue[bytes | None], stdout: IO[bytes]) -> None:
-    """A thread of its own, so a long answer never stops the helper reading requests."""
-    while (answer := answers.get()) is not None:
+def _write_answers(
+    batches: queue.SimpleQueue[tuple[int, list[Future[list[str]]]] | None], stdout: IO[bytes]
+) -> None:
+    """A thread of its own that waits for each batch in turn and answers it, so the helper
+    keeps reading requests (a parent never blocks on a full pipe while a batch runs)."""
+    while (batch := batches.get()) is not None:
+        ticket, parts = batch
+        failed = [path for part in parts for path in part.result()]
         try:
-            stdout.write(answer)
+            stdout.write(_encode(ticket, failed))
             stdout.flush()
         except OSError:  # the parent is gone: nobody is waiting for answers
             return
@@ -177,19 +182,18 @@ def _write_answers(answers: queue.SimpleQueue[bytes | None], stdout: IO[bytes]) 
 def main(argv: Sequence[str]) -> None:
     threads = int(argv[0]) if argv else THREADS
     idle = float(argv[1]) if len(argv) > 1 else IDLE_EXIT_SECONDS
-    answers: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-    writer = threading.Thread(target=_write_answers, args=(answers, sys.stdout.buffer))
+    batches: queue.SimpleQueue[tuple[int, list[Future[list[str]]]] | None] = queue.SimpleQueue()
+    writer = threading.Thread(target=_write_answers, args=(batches, sys.stdout.buffer))
     writer.start()
     try:
         with ThreadPoolExecutor(threads) as pool:
             for ticket, paths in _requests(sys.stdin.fileno(), idle):
-                chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
-                failed = [path for part in pool.map(unlink_each, chunks) for path in part]
-                answers.put(_encode(ticket, failed))
+                parts = [pool.submit(unlink_each, paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
+                batches.put((ticket, parts))
     except (BrokenPipeError, KeyboardInterrupt):
         pass
     finally:
-        answers.put(None)
+        batches.put(None)
         writer.join()
 
 

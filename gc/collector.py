@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from cargohold.gc.priority import run_at_lower_priority
 log = logging.getLogger(__name__)
 LEASE = "gc"
 LEASE_TTL = 120.0  # renewed after every page of the sweep
+IN_FLIGHT = 3  # sweep pages whose deletes may still run while the next page is swept
 
 
 @dataclass
@@ -156,11 +158,13 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
         report.errors.extend(f"could not delete {key}" for key in deleted.failed)
         return deleted.settled
 
-    # On an idle registry page N's copies are deleted in the background while page N+1 is
-    # swept (the database work and the unlinks or requests overlap), and page N+2's
-    # transaction forgets them. When requests wrote meanwhile, a page's deletes finish
-    # before the pause, so the pause leaves the disk and the CPUs to them.
-    deleting: Callable[[], PurgeResult] | None = None
+    # On an idle registry the copies of up to IN_FLIGHT pages are deleted in the background
+    # while the next pages are swept (the database work and the unlinks overlap), and the
+    # transaction after their deletes finished forgets them. When requests wrote meanwhile,
+    # a page's deletes finish before the pause, so the pause leaves the disk and the CPUs to
+    # them. The leak scan's listing overlaps the last pages' deletes (a copy still queued is
+    # named by its queue entry, so it is never a leak).
+    deleting: deque[Callable[[], PurgeResult]] = deque()
     settled: list[Settled] = []
     after = ""
     while True:
@@ -168,21 +172,23 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
         version = registry.store.data_version()
         registry.jobs.acquire(LEASE, LEASE_TTL)  # renew: a long sweep keeps its lease
         swept = collection.sweep(cutoff, after, settled)
-        settled = finish(deleting) if deleting is not None else []
-        deleting = None
+        settled = []
         if not swept.blobs:
             break
+        while len(deleting) >= IN_FLIGHT:
+            settled += finish(deleting.popleft())
         after = swept.blobs[-1].digest
         progress("sweep", len(swept.blobs))
-        deleting = collection.start_deleting(swept)
+        deleting.append(collection.start_deleting(swept))
         others_wrote = registry.store.data_version() != version
-        if others_wrote:
-            settled += finish(deleting)
-            deleting = None
+        while others_wrote and deleting:
+            settled += finish(deleting.popleft())
         time.sleep(pacing.pause(time.monotonic() - started, others_wrote))
+    leaks = collection.leaks(cutoff) if report.leak_scan else []
+    while deleting:
+        settled += finish(deleting.popleft())
     collection.forget(settled)
 
-    leaks = collection.leaks(cutoff) if report.leak_scan else []
     if leaks:
         deleted = collection.delete_leaks(leaks, cutoff)
         report.leaks_deleted = deleted.deleted
