@@ -16,7 +16,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -730,7 +729,12 @@ class _FileSource(PydanticBaseSettingsSource):
 def load_config_file(path: Path) -> dict[str, Any]:
     """Parse a config file into a plain dict; the format follows the file extension."""
     text = path.read_text()
-    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    else:
+        import yaml  # only when a YAML file is read: every command imports this module
+
+        data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping")
     return data
