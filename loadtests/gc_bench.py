@@ -117,6 +117,7 @@ class Config:
     fill_clients: int = 32
     fill_workers: int = 4
     delete_untagged: bool = False
+    cold: bool = False  # drop the page cache before each first GC
     images: int = 256
     clients: int = 32
     layer_size: int = 16 * 1024
@@ -243,14 +244,29 @@ def cargohold_gc(data_dir: Path, grace: str = "0", timeout: float = 1200.0) -> t
 
 
 ADMIN_TOKEN = "gc-bench"
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
-def cargohold_gc_in_server(data_dir: Path, timeout: float = 1200.0) -> tuple[float, dict[str, Any]]:
+def drop_page_cache() -> None:
+    """Write back, then drop the page cache, dentries and inodes (Linux, root): the next GC
+    reads its store from the disk, as a daily GC of a store larger than RAM does."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold needs to write {DROP_CACHES} (Linux, as root): {exc}") from None
+
+
+def cargohold_gc_in_server(
+    data_dir: Path, timeout: float = 1200.0, before: Callable[[], None] = lambda: None
+) -> tuple[float, dict[str, Any]]:
     """The same run as a scheduled GC does it: inside ``cargohold serve`` (started first, not
-    timed), through ``POST /admin/gc``; returns the request's wall seconds and the report."""
+    timed), through ``POST /admin/gc``; returns the request's wall seconds and the report.
+    ``before`` runs once the server is up, just before the timed request."""
     env = {"CARGOHOLD_ADMIN__TOKEN": ADMIN_TOKEN}
     with RegistryProcess(kind=CH, data_dir=data_dir, env=env) as server:
         auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        before()
         start = time.perf_counter()
         response = httpx.post(f"{server.url}/admin/gc", json={"grace": "0"}, headers=auth, timeout=timeout)
         seconds = time.perf_counter() - start
@@ -492,12 +508,16 @@ def gc_runs(cfg: Config, res: Results, snaps: dict[str, Path], entries: list[Ent
     blobs = len(entries) * (cfg.layers + 1)
     share = "half" if cfg.delete_every == 2 else f"1 in {cfg.delete_every}"
     timed = f"GC wall time, {len(entries):,} manifests / {blobs:,} blobs, {share} unreferenced"
+    timed += ", cold cache" if cfg.cold else ""
     res.facts["gc_row"] = timed
     again = "GC wall time, 2nd run (nothing left to collect)"
     in_server = "the same first GC inside the running server (POST /admin/gc)"
     deleted = "blobs deleted by the GC"
     freed = "bytes freed by the GC"
     untagged = " --delete-untagged" if cfg.delete_untagged else ""
+    settle = drop_page_cache if cfg.cold else lambda: None
+    if cfg.cold:
+        res.facts["cold"] = "page cache, dentries and inodes dropped before each first GC"
     for rep in range(cfg.gc_reps):
         for label in (CH, DIST) if rep % 2 == 0 else (DIST, CH):
             run = cfg.work_dir / f"{label}-run"
@@ -505,6 +525,7 @@ def gc_runs(cfg: Config, res: Results, snaps: dict[str, Path], entries: list[Ent
             if label == CH:
                 hardlink_copy(snaps[CH], run, private=["metadata.db*"])
                 os.sync()
+                settle()
                 seconds, report = cargohold_gc(run, timeout=cfg.time_cap)
                 res.record(timed, "s", CH, seconds)
                 res.record(deleted, "count", CH, report["blobs_deleted"] + report["leaks_deleted"])
@@ -522,7 +543,7 @@ def gc_runs(cfg: Config, res: Results, snaps: dict[str, Path], entries: list[Ent
                 shutil.rmtree(run, ignore_errors=True)
                 hardlink_copy(snaps[CH], run, private=["metadata.db*"])
                 os.sync()
-                seconds, report = cargohold_gc_in_server(run, timeout=cfg.time_cap)
+                seconds, report = cargohold_gc_in_server(run, timeout=cfg.time_cap, before=settle)
                 res.record(in_server, "s", CH, seconds)
                 res.facts.setdefault("cargohold_in_server_reports", []).append(
                     report | {"wall_s": round(seconds, 2)}
@@ -531,6 +552,7 @@ def gc_runs(cfg: Config, res: Results, snaps: dict[str, Path], entries: list[Ent
                 hardlink_copy(snaps[DIST], run)
                 before = blob_files(run / "storage")
                 os.sync()
+                settle()
                 seconds, counts = distribution_gc(run, cfg.delete_untagged, timeout=cfg.time_cap)
                 after = blob_files(run / "storage")
                 res.record(timed, "s", DIST, seconds)
@@ -845,6 +867,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--blob-bytes", default="64-512", help="layer size range in bytes, LOW-HIGH")
     p.add_argument("--per-repo", type=int, default=200, help="images per repository")
     p.add_argument(
+        "--cold", action="store_true", help="drop the page cache before each first GC (Linux, as root)"
+    )
+    p.add_argument(
         "--delete-every", type=int, default=2, metavar="N", help="delete one manifest in N (default 2: half)"
     )
     p.add_argument("--gc-reps", type=int, help="timed GC repetitions per registry (default 3)")
@@ -895,6 +920,7 @@ def build_config(args: argparse.Namespace, work_dir: Path) -> Config:
         blob_max=high,
         per_repo=args.per_repo,
         delete_every=args.delete_every,
+        cold=args.cold,
         gc_reps=pick("gc_reps", 3),
         cargohold_fill=args.cargohold_fill,
         distribution_fill=args.distribution_fill,
