@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cargohold.engine.errors import StorageUnavailable
 from cargohold.engine.metadata_quotas import QuotaQueries
+from cargohold.engine.readahead import ReadAhead
 from cargohold.engine.schema import migrate
 
 Conn = sqlite3.Connection
@@ -137,6 +138,11 @@ class MetadataStore:
             self._conn().execute("SELECT 1").fetchone()
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"metadata store unavailable: {exc}") from exc
+
+    def read_ahead(self) -> ReadAhead | None:
+        """Start reading the database file into the page cache in the background (before a
+        job that touches most of its pages; see ``readahead``)."""
+        return ReadAhead.start(self.path)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
