@@ -32,6 +32,7 @@ THREADS = 4
 IDLE_EXIT_SECONDS = 5.0  # a GC sends a batch every few milliseconds; between runs, no helper
 CHUNK = 100  # paths per thread task
 END = b"\n\n"
+PIPE_BYTES = 1 << 20
 
 
 def unlink_each(paths: Sequence[str]) -> list[str]:
@@ -132,6 +133,7 @@ class Unlinker:
             self._process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         except OSError:
             return None
+        _widen(self._process.stdin)
         return self._process
 
     def _discard(self) -> None:
@@ -147,6 +149,17 @@ class Unlinker:
             except subprocess.TimeoutExpired:
                 helper.kill()
                 helper.wait()
+
+
+def _widen(pipe: IO[bytes] | None) -> None:
+    """A pipe that holds a few batches (Linux; 64 KiB by default, a sweep page's paths are
+    ~140 KiB), so sending one rarely waits for the helper, even while it starts."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # type: ignore[union-attr]
+    except (ImportError, AttributeError, OSError):  # not Linux, or over pipe-max-size
+        pass
 
 
 # -- the helper process -----------------------------------------------------------------------

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 
 from cargohold.backends.base import DeletesInBackground
 from cargohold.backends.filesystem import FilesystemBackend
-from cargohold.backends.unlinker import Unlinker
+from cargohold.backends.unlinker import PIPE_BYTES, Unlinker
 
 
 def files(directory: Path, count: int) -> list[str]:
@@ -102,3 +103,20 @@ def test_the_filesystem_backend_deletes_keys_through_it(tmp_path: Path) -> None:
         backend.local_path("../escape")
     bad = backend.start_delete_many(["blobs/ok", "../../etc/passwd"])
     assert bad() == ["../../etc/passwd"]  # refused, never handed to the helper
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes are a Linux feature")
+def test_many_batches_are_sent_without_waiting_for_the_helper(tmp_path: Path) -> None:
+    """The pipe to the helper holds a whole sweep page or more, so a GC hands over a page of
+    paths and goes on sweeping instead of blocking until the helper has read them."""
+    import fcntl
+
+    unlinker = Unlinker(threads=2)
+    try:
+        waiting = unlinker.start(files(tmp_path / "w", 10))
+        process = unlinker._process
+        assert process is not None and process.stdin is not None
+        assert fcntl.fcntl(process.stdin.fileno(), fcntl.F_GETPIPE_SZ) >= PIPE_BYTES
+        assert waiting() == []
+    finally:
+        unlinker.close()
