@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc as python_gc  # the interpreter's cyclic collector, not cargohold.gc
 from collections.abc import Callable
 
 from cargohold.backends import Backend, FilesystemBackend
@@ -88,7 +89,7 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
     registry = open_registry(settings)
     start, stop = _scheduler_hooks(settings, registry)
     cache = open_cache(settings, registry)
-    return create_app(
+    app = create_app(
         registry,
         catalog_max_n=settings.limits.catalog_max_n,
         catalog_scan_budget=settings.limits.catalog_scan_budget,
@@ -114,6 +115,12 @@ def create_asgi_app(settings: Settings | None = None):  # type: ignore[no-untype
         rate_table=open_rate_table(settings),
         trusted_proxies=settings.trusted_proxies,
     )
+    # The modules, settings and app built so far live as long as the process: out of the
+    # cyclic collector's sight, a full collection (a GC sweep makes many objects, so do
+    # busy requests) no longer walks them all.
+    python_gc.collect()
+    python_gc.freeze()
+    return app
 
 
 def open_rate_table(settings: Settings):  # type: ignore[no-untyped-def]
