@@ -346,3 +346,11 @@ def test_while_others_write_a_pages_deletes_finish_before_its_pause(
     collect(registry, grace_seconds=0, pacing=Pacing(when_busy=1.0))
     assert stored_at_pause[1:] == [0]  # busy: the pause comes after the page's deletes
     assert stored_keys(registry) == set()
+
+
+def test_the_leak_walk_finds_unnamed_keys_whatever_the_duplicates() -> None:
+    from cargohold.engine.collection import _missing
+
+    named = ["blobs/a", "blobs/a", "blobs/c", "blobs/c", "blobs/e"]  # listed twice: UNION ALL
+    listing = ["blobs/a", "blobs/b", "blobs/c", "blobs/d", "blobs/f"]
+    assert list(_missing(listing, iter(named), lambda key: key)) == ["blobs/b", "blobs/d", "blobs/f"]
