@@ -40,6 +40,7 @@ from cargohold.engine.metadata_jobs import CollectibleBlob, JobQueries, QueuedCo
 
 T = TypeVar("T")
 BATCH = 2000  # blobs per transaction: fewer commits (each an fsync) without holding the lock long
+READ_AHEAD_CANDIDATES = 10_000  # from here on a sweep rewrites most pages of the blob tables
 
 
 @dataclass
@@ -80,6 +81,13 @@ class Collection:
                 return
             yield page
             after = page[-1].digest
+
+    def warm_up(self) -> None:
+        """Before a sweep that will touch most pages of the blob tables (many candidates), read
+        the metadata file into the page cache in the background (``readahead``): a sweep on a
+        cold cache reads them one random page at a time. A run with little to do skips it."""
+        if self.queries.unreferenced_at_least(self.store.read(), READ_AHEAD_CANDIDATES):
+            self.store.read_ahead()
 
     def sweep(self, cutoff: float, after: str = "", settled: Sequence[Settled] = ()) -> QueuedCopies:
         """Tombstone the next page of blobs after ``after`` that are collectible now, chosen

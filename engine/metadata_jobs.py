@@ -85,6 +85,15 @@ class JobQueries:
         """A page cache big enough for a sweep's pages (the default 2 MiB re-reads them)."""
         conn.execute("PRAGMA cache_size = -32768")
 
+    def unreferenced_at_least(self, conn: Conn, count: int) -> bool:
+        """Whether ``count`` or more live blobs are unreferenced (counted in the partial
+        index, stopping at ``count``)."""
+        row = conn.execute(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM blobs WHERE manifest_refs = 0 AND state = 'live' LIMIT ?)",
+            (count,),
+        ).fetchone()
+        return bool(row[0] >= count)
+
     def tombstone_next(self, conn: Conn, after: str, cutoff: float, limit: int, now: float) -> QueuedCopies:
         """Find and tombstone, in the caller's write transaction, the next ``limit`` blobs after
         ``after`` (digest order) that are unreferenced and idle since ``cutoff``. Choosing them

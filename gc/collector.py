@@ -132,7 +132,7 @@ def _collect(
 def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress, pacing: Pacing) -> None:
     collection = registry.collection
     cutoff = time.time() - report.grace_seconds
-    registry.store.read_ahead()  # a cold sweep would read the blob tables page by page
+    collection.warm_up()
     if report.dry_run:
         _plan(registry, report, cutoff)
         return

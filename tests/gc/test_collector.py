@@ -354,3 +354,22 @@ def test_the_leak_walk_finds_unnamed_keys_whatever_the_duplicates() -> None:
     named = ["blobs/a", "blobs/a", "blobs/c", "blobs/c", "blobs/e"]  # listed twice: UNION ALL
     listing = ["blobs/a", "blobs/b", "blobs/c", "blobs/d", "blobs/f"]
     assert list(_missing(listing, iter(named), lambda key: key)) == ["blobs/b", "blobs/d", "blobs/f"]
+
+
+def test_a_run_reads_the_metadata_file_ahead_only_before_a_big_sweep(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cargohold.engine.collection as collection_module
+
+    monkeypatch.setattr(collection_module, "READ_AHEAD_CANDIDATES", 3)
+    reads: list[object] = []
+    monkeypatch.setattr(registry.store, "read_ahead", lambda: reads.append(1))
+    push_image(registry, "app", "v1", b"{}", [os.urandom(100)])  # referenced: no candidate
+    for i in range(2):
+        push_blob(registry, "app", os.urandom(10 + i))
+    collect(registry, grace_seconds=3600)
+    assert reads == []  # two candidates: a small sweep, nothing to warm up
+    for i in range(3):
+        push_blob(registry, "app", os.urandom(20 + i))
+    collect(registry, grace_seconds=3600)
+    assert reads == [1]
