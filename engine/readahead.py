@@ -28,15 +28,14 @@ def ram_bytes() -> int:
         return 0
 
 
-def _cached(fd: int, samples: int = 32) -> bool:
-    """Whether pages spread over the file are all in the page cache already (Linux; elsewhere
-    the answer is no, and the file is read)."""
+def _cached(fd: int, size: int, samples: int = 32) -> bool:
+    """Whether pages spread over the file (``size`` bytes) are all in the page cache already
+    (Linux; elsewhere the answer is no, and the file is read)."""
     nowait = getattr(os, "RWF_NOWAIT", None)
     if nowait is None:
         return False
     page = bytearray(4096)
     try:
-        size = os.fstat(fd).st_size
         for sample in range(samples):
             if os.preadv(fd, [page], size * sample // samples, nowait) <= 0 and size:
                 return False
@@ -63,10 +62,10 @@ class ReadAhead:
         except OSError:
             return None
         try:
-            too_big = os.fstat(fd).st_size > limit
+            size = os.fstat(fd).st_size
         except OSError:
-            too_big = True
-        if too_big or _cached(fd):
+            size = limit + 1
+        if size > limit or _cached(fd, size):
             os.close(fd)
             return None
         reader = cls(fd)

@@ -152,13 +152,6 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
             except ManifestUnknown:
                 pass  # deleted by someone else meanwhile
 
-    def finish(deleting: Callable[[], PurgeResult]) -> list[Settled]:
-        deleted = deleting()
-        report.blobs_deleted += deleted.deleted
-        report.bytes_freed += deleted.bytes
-        report.errors.extend(f"could not delete {key}" for key in deleted.failed)
-        return deleted.settled
-
     # On an idle registry the copies of up to IN_FLIGHT pages are deleted in the background
     # while the next pages are swept (the database work and the unlinks overlap), and the
     # transaction after their deletes finished forgets them. When requests wrote meanwhile,
@@ -167,27 +160,35 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
     # named by its queue entry, so it is never a leak).
     deleting: deque[Callable[[], PurgeResult]] = deque()
     settled: list[Settled] = []
+
+    def finish_all_but(keep: int) -> None:
+        """Wait for the oldest deletes until ``keep`` are left; report them, to be forgotten."""
+        while len(deleting) > keep:
+            deleted = deleting.popleft()()
+            report.blobs_deleted += deleted.deleted
+            report.bytes_freed += deleted.bytes
+            report.errors.extend(f"could not delete {key}" for key in deleted.failed)
+            settled.extend(deleted.settled)
+
     after = ""
     while True:
         started = time.monotonic()
         version = registry.store.data_version()
         registry.jobs.acquire(LEASE, LEASE_TTL)  # renew: a long sweep keeps its lease
         swept = collection.sweep(cutoff, after, settled)
-        settled = []
+        settled.clear()  # forgotten in that transaction
         if not swept.blobs:
             break
-        while len(deleting) >= IN_FLIGHT:
-            settled += finish(deleting.popleft())
+        finish_all_but(IN_FLIGHT - 1)
         after = swept.blobs[-1].digest
         progress("sweep", len(swept.blobs))
         deleting.append(collection.start_deleting(swept))
         others_wrote = registry.store.data_version() != version
-        while others_wrote and deleting:
-            settled += finish(deleting.popleft())
+        if others_wrote:
+            finish_all_but(0)
         time.sleep(pacing.pause(time.monotonic() - started, others_wrote))
     leaks = collection.leaks(cutoff) if report.leak_scan else []
-    while deleting:
-        settled += finish(deleting.popleft())
+    finish_all_but(0)
     collection.forget(settled)
 
     if leaks:

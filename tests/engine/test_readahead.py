@@ -17,7 +17,7 @@ from tests.engine.conftest import make_registry
 def cold(monkeypatch: pytest.MonkeyPatch) -> None:
     """As if the page cache held none of the file (dropping it needs root, and on a tmpfs
     it cannot be dropped at all)."""
-    monkeypatch.setattr(readahead, "_cached", lambda fd: False)
+    monkeypatch.setattr(readahead, "_cached", lambda fd, size: False)
 
 
 def test_reads_the_whole_file_in_the_background(tmp_path: Path, cold: None) -> None:
