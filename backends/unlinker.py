@@ -5,8 +5,11 @@ the same process the two contend for the GIL (each ``unlink`` wants it back betw
 calls): measured on 2 cores, 50,000 deletes overlapped with the sweep took 0.71-0.80 s in
 threads and 0.50-0.54 s in another process. So the filesystem backend hands batches of paths
 to this helper, a plain Python started with ``-I -S`` that imports nothing of ours, which
-unlinks them with a few threads (the kernel's work overlaps too: 50,000 real unlinks took
-3.1 s in one thread, 1.4 s in four) and answers with the paths it could not delete.
+unlinks them with many threads and answers with the paths it could not delete. An unlink
+that frees an inode and its block spends most of its time waiting in the kernel (ext4's
+journal), so many at once overlap: 50,000 such unlinks took 3.1 s in one thread, 2.0 s in
+four, 1.7 s in eight; a whole GC run freeing them took ~2.3 s with 4 threads, ~1.95 s with 8
+and ~1.8 s with 16 or 32 (alternating runs on the 100,000-blob benchmark store, 2 cores).
 
 The protocol is text on the helper's stdin and stdout, one message per batch, ended by an
 empty line: a ticket number, then one path per line (keys are checked, so no path holds a
@@ -28,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO
 
-THREADS = 4
+THREADS = 16  # unlinks wait in the kernel (the journal) more than they run: see above
 IDLE_EXIT_SECONDS = 5.0  # a GC sends a batch every few milliseconds; between runs, no helper
 CHUNK = 100  # paths per thread task
 END = b"\n\n"
