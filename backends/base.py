@@ -171,7 +171,9 @@ class DeletesInBackground(Protocol):
     """Capability: a batch delete that runs while the caller goes on (the filesystem's runs
     in a helper process, off the GIL); the returned call waits and gives the failed keys."""
 
-    def start_delete_many(self, keys: list[str]) -> Callable[[], list[str]]: ...
+    def start_delete_many(self, keys: list[str], gently: bool = False) -> Callable[[], list[str]]:
+        """``gently``: requests are writing, so use little of the disk (e.g. one delete at a time)."""
+        ...
 
 
 @runtime_checkable

@@ -202,16 +202,17 @@ class FilesystemBackend:
         paths, invalid = self._paths_of(keys)
         return invalid + [paths[path] for path in unlink_each(paths)]
 
-    def start_delete_many(self, keys: list[str]) -> Callable[[], list[str]]:
+    def start_delete_many(self, keys: list[str], gently: bool = False) -> Callable[[], list[str]]:
         """``delete_many`` in a helper process (``unlinker``), so a GC's database work and
-        its unlinks run at once instead of taking turns at the GIL."""
+        its unlinks run at once instead of taking turns at the GIL; ``gently``, one unlink at
+        a time (each one that frees an inode writes to the journal that pushes' fsyncs wait on)."""
         if "\n" in str(self._objects):  # the helper's protocol is one path per line
             failed = self.delete_many(keys)
             return lambda: failed
         paths, invalid = self._paths_of(keys)
         if self._unlinker is None:
             self._unlinker = Unlinker()
-        waiting = self._unlinker.start(list(paths))
+        waiting = self._unlinker.start(list(paths), one_at_a_time=gently)
         return lambda: invalid + [paths[path] for path in waiting()]
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:

@@ -12,8 +12,9 @@ four, 1.7 s in eight; a whole GC run freeing them took ~2.3 s with 4 threads, ~1
 and ~1.8 s with 16 or 32 (alternating runs on the 100,000-blob benchmark store, 2 cores).
 
 The protocol is text on the helper's stdin and stdout, one message per batch, ended by an
-empty line: a ticket number, then one path per line (keys are checked, so no path holds a
-newline). The answer is the ticket, then the paths that failed. The helper exits when its
+empty line: a ticket number and how many paths a thread takes at a time, then one path per
+line (keys are checked, so no path holds a newline). The answer is the ticket, then the
+paths that failed. The helper exits when its
 stdin closes or after ``idle`` seconds without a request; the parent starts another on
 demand, and deletes a batch itself if the helper is gone (deleting twice is harmless).
 """
@@ -51,13 +52,13 @@ def unlink_each(paths: Sequence[str]) -> list[str]:
     return failed
 
 
-def _encode(ticket: int, paths: Sequence[str]) -> bytes:
-    return (str(ticket) + "".join("\n" + path for path in paths)).encode() + END
+def _encode(header: str, paths: Sequence[str]) -> bytes:
+    return (header + "".join("\n" + path for path in paths)).encode() + END
 
 
-def _decode(message: bytes) -> tuple[int, list[str]]:
-    ticket, *paths = message.decode().split("\n")
-    return int(ticket), paths
+def _decode(message: bytes) -> tuple[str, list[str]]:
+    header, *paths = message.decode().split("\n")
+    return header, paths
 
 
 class Unlinker:
@@ -72,11 +73,14 @@ class Unlinker:
         self._received = b""
         self._answers: dict[int, list[str]] = {}  # read while waiting for another ticket
 
-    def start(self, paths: Sequence[str]) -> Callable[[], list[str]]:
+    def start(self, paths: Sequence[str], one_at_a_time: bool = False) -> Callable[[], list[str]]:
+        """``one_at_a_time``: the batch's unlinks run in one thread, not all of the helper's
+        (while requests are writing, so the unlinks' journal traffic stays a trickle)."""
         paths = list(paths)
+        chunk = max(len(paths), 1) if one_at_a_time else CHUNK
         with self._lock:
             ticket = next(self._tickets)
-            helper = self._send(_encode(ticket, paths))
+            helper = self._send(_encode(f"{ticket} {chunk}", paths))
 
         def wait() -> list[str]:
             failed = self._answer(helper, ticket) if helper is not None else None
@@ -112,8 +116,8 @@ class Unlinker:
                 if message is None:
                     self._discard()
                     return None
-                number, failed = _decode(message)
-                self._answers[number] = failed
+                header, failed = _decode(message)
+                self._answers[int(header)] = failed
             return self._answers.pop(ticket)
 
     def _read_message(self, helper: subprocess.Popen[bytes]) -> bytes | None:
@@ -166,7 +170,7 @@ def _widen(pipe: IO[bytes] | None) -> None:
 
 
 # -- the helper process -----------------------------------------------------------------------
-def _requests(stdin: int, idle: float) -> Iterator[tuple[int, list[str]]]:
+def _requests(stdin: int, idle: float) -> Iterator[tuple[str, list[str]]]:
     """Requests from ``stdin`` until it closes or stays quiet for ``idle`` seconds."""
     received = b""
     while True:
@@ -189,7 +193,7 @@ def _write_answers(
         ticket, parts = batch
         failed = [path for part in parts for path in part.result()]
         try:
-            stdout.write(_encode(ticket, failed))
+            stdout.write(_encode(str(ticket), failed))
             stdout.flush()
         except OSError:  # the parent is gone: nobody is waiting for answers
             return
@@ -203,8 +207,9 @@ def main(argv: Sequence[str]) -> None:
     writer.start()
     try:
         with ThreadPoolExecutor(threads) as pool:
-            for ticket, paths in _requests(sys.stdin.fileno(), idle):
-                parts = [pool.submit(unlink_each, paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
+            for header, paths in _requests(sys.stdin.fileno(), idle):
+                ticket, chunk = (int(field) for field in header.split())
+                parts = [pool.submit(unlink_each, paths[i : i + chunk]) for i in range(0, len(paths), chunk)]
                 batches.put((ticket, parts))
     except (BrokenPipeError, KeyboardInterrupt):
         pass

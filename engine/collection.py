@@ -98,11 +98,13 @@ class Collection:
             self.queries.forget_deleted(conn, settled)
             return self.queries.tombstone_next(conn, after, cutoff, BATCH, time.time())
 
-    def start_deleting(self, queued: QueuedCopies) -> Callable[[], PurgeResult]:
+    def start_deleting(self, queued: QueuedCopies, gently: bool = False) -> Callable[[], PurgeResult]:
         """Start deleting, in the background, queued copies (a committed sweep's page); the
         returned call waits for them and tells what went. Their queue entries stay until a
-        later transaction forgets ``settled``; a crash before that leaves them for ``purge``."""
-        deleting = self._start_delete([blob.storage_key for blob in queued.blobs])
+        later transaction forgets ``settled``; a crash before that leaves them for ``purge``.
+        ``gently`` while requests are writing: a store that deletes in the background keeps
+        its share of the disk small."""
+        deleting = self._start_delete([blob.storage_key for blob in queued.blobs], gently)
 
         def outcome() -> PurgeResult:
             failed = set(deleting())
@@ -154,13 +156,13 @@ class Collection:
         result.bytes += deleted.bytes
         result.failed.extend(deleted.failed)
 
-    def _start_delete(self, keys: list[str]) -> Callable[[], list[str]]:
+    def _start_delete(self, keys: list[str], gently: bool = False) -> Callable[[], list[str]]:
         """Start the backend's batch delete (in the pool, several batches at once, unless the
         store deletes in the background itself); the returned call gives the failed keys."""
         if not keys:
             return list
         if isinstance(self.backend, DeletesInBackground):
-            return self.backend.start_delete_many(keys)
+            return self.backend.start_delete_many(keys, gently)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.delete_workers, thread_name_prefix="gc-delete")
         futures = [

@@ -182,8 +182,8 @@ def _run(registry: Registry, report: GCReport, orphans: bool, progress: Progress
         finish_all_but(IN_FLIGHT - 1)
         after = swept.blobs[-1].digest
         progress("sweep", len(swept.blobs))
-        deleting.append(collection.start_deleting(swept))
         others_wrote = registry.store.data_version() != version
+        deleting.append(collection.start_deleting(swept, gently=others_wrote))
         if others_wrote:
             finish_all_but(0)
         time.sleep(pacing.pause(time.monotonic() - started, others_wrote))

@@ -45,6 +45,25 @@ def test_deletes_in_another_process_and_reports_failures(tmp_path: Path) -> None
         unlinker.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_a_gentle_batch_is_unlinked_by_one_thread(tmp_path: Path) -> None:
+    """While requests write, a GC page's unlinks go one at a time; otherwise they spread over
+    the helper's threads (the pool starts a thread per waiting chunk, up to its size)."""
+    unlinker = Unlinker(threads=8)
+    try:
+        paths = files(tmp_path / "gentle", 450)
+        undeletable = tmp_path / "gentle-dir"
+        undeletable.mkdir()
+        assert unlinker.start([*paths, str(undeletable)], one_at_a_time=True)() == [str(undeletable)]
+        assert not any(os.path.exists(path) for path in paths)
+        tasks = Path(f"/proc/{helper_pid(unlinker)}/task")
+        assert len(list(tasks.iterdir())) == 3  # reading requests, writing answers, one unlinking
+        assert unlinker.start(files(tmp_path / "spread", 450))() == []
+        assert len(list(tasks.iterdir())) > 3
+    finally:
+        unlinker.close()
+
+
 def test_answers_reach_their_own_callers_in_any_order(tmp_path: Path) -> None:
     unlinker = Unlinker()
     try:

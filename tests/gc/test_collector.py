@@ -172,7 +172,7 @@ def test_copies_whose_delete_fails_stay_queued_until_a_run_deletes_them(
     backend = registry.backend
     stubborn = sorted(stored_keys(registry))[1]
 
-    def delete_all_but_one(keys: list[str]) -> object:
+    def delete_all_but_one(keys: list[str], gently: bool = False) -> object:
         backend.delete_many([key for key in keys if key != stubborn])
         return lambda: [stubborn] if stubborn in keys else []
 
@@ -329,13 +329,20 @@ def test_while_others_write_a_pages_deletes_finish_before_its_pause(
     collection = registry.collection
     start_deleting = collection.start_deleting
     # Deletes that happen only when waited for, so the order of wait and pause shows.
-    monkeypatch.setattr(collection, "start_deleting", lambda blobs: lambda: start_deleting(blobs)())
+    gently_flags: list[bool] = []
+
+    def deferred(blobs: object, gently: bool = False) -> object:
+        gently_flags.append(gently)
+        return lambda: start_deleting(blobs, gently)()
+
+    monkeypatch.setattr(collection, "start_deleting", deferred)
     for i in range(3):
         push_blob(registry, "r", os.urandom(100 + i))
     age_everything(registry)
 
     collect(registry, grace_seconds=0, pacing=Pacing(when_busy=1.0))
     assert stored_at_pause == [3]  # idle: the page's deletes run on past its pause
+    assert gently_flags == [False]  # with all of the store's parallelism
     assert stored_keys(registry) == set()
 
     for i in range(3):
@@ -345,6 +352,7 @@ def test_while_others_write_a_pages_deletes_finish_before_its_pause(
     monkeypatch.setattr(registry.store, "data_version", lambda: next(versions))  # others commit
     collect(registry, grace_seconds=0, pacing=Pacing(when_busy=1.0))
     assert stored_at_pause[1:] == [0]  # busy: the pause comes after the page's deletes
+    assert gently_flags == [False, True]  # and they leave the disk to the requests
     assert stored_keys(registry) == set()
 
 
