@@ -14,9 +14,13 @@ and ~1.8 s with 16 or 32 (alternating runs on the 100,000-blob benchmark store, 
 The protocol is text on the helper's stdin and stdout, one message per batch, ended by an
 empty line: a ticket number and how many paths a thread takes at a time, then one path per
 line (keys are checked, so no path holds a newline). The answer is the ticket, then the
-paths that failed. The helper exits when its
-stdin closes or after ``idle`` seconds without a request; the parent starts another on
-demand, and deletes a batch itself if the helper is gone (deleting twice is harmless).
+paths that failed. The helper exits when its stdin closes or after ``idle`` seconds without
+a request; the parent starts another on demand, and deletes a batch itself if the helper is
+gone (deleting twice is harmless).
+
+While requests are writing, a GC sends each batch as one thread's share (``one_at_a_time``):
+every freed inode is journal traffic that the requests' fsyncs wait behind. Small-image
+pushes with a GC looping beside them went from 20% below the rate without a GC to 4% below.
 """
 
 from __future__ import annotations
